@@ -1,0 +1,132 @@
+"""How many messages a session file holds.
+
+A session is a JSON object whose messages live under a top-level key
+(default ``messages``) or a JSON pointer (``/data/messages``), or a JSONL
+file with one message per non-empty line. Anything that cannot be counted —
+invalid or truncated JSON, a non-object, a non-array under the key, a file
+over the size cap — is *unparseable*: ``count`` is ``None`` and ``error``
+says why. Counting never raises on bad content.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+#: Files larger than this are not parsed (a 1 GB file must not stall or OOM us).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+#: ``(st_dev, st_ino, st_size, st_mtime_ns)``: when none of these changed, the
+#: content is taken to be unchanged and is not re-read.
+StatKey = tuple[int, int, int, int]
+
+
+def stat_key(st: os.stat_result) -> StatKey:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class CountSpec:
+    """Where the messages are: ``key``, ``pointer`` or ``jsonl``."""
+
+    kind: Literal["key", "pointer", "jsonl"]
+    path: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> "CountSpec":
+        """``"messages"`` → key, ``"/a/b"`` → JSON pointer (RFC 6901), ``"jsonl"``."""
+        if not isinstance(spec, str) or not spec:
+            raise ValueError("count must be a non-empty string: a key, a JSON pointer or 'jsonl'")
+        if spec == "jsonl":
+            return cls("jsonl")
+        if spec.startswith("/"):
+            parts = tuple(p.replace("~1", "/").replace("~0", "~") for p in spec[1:].split("/"))
+            return cls("pointer", parts)
+        return cls("key", (spec,))
+
+    def __str__(self) -> str:
+        if self.kind == "jsonl":
+            return "jsonl"
+        if self.kind == "key":
+            return self.path[0]
+        return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in self.path)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed session: the document, its messages, or why it is unparseable."""
+
+    count: int | None
+    error: str | None = None
+    doc: Any = None
+    messages: list[Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.count is not None
+
+
+def messages_of(doc: Any, spec: CountSpec) -> list[Any] | str:
+    """The messages list inside *doc*, or a string saying why there is none.
+
+    A valid object with no messages key counts as zero messages: a
+    metadata-only save that dropped the key is a wipe, not noise.
+    """
+    if not isinstance(doc, dict):
+        return f"not a JSON object (a {type(doc).__name__})"
+    node: Any = doc
+    for part in spec.path:
+        if isinstance(node, dict):
+            if part not in node:
+                return []
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return f"{spec} does not resolve"
+    if not isinstance(node, list):
+        return f"{spec} is not an array (a {type(node).__name__})"
+    return node
+
+
+def parse(data: bytes, spec: CountSpec) -> Parsed:
+    """Parse session bytes; never raises on bad content."""
+    if spec.kind == "jsonl":
+        lines = [line for line in data.split(b"\n") if line.strip()]
+        return Parsed(len(lines), doc=None, messages=lines)
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return Parsed(None, f"invalid JSON: {exc}")
+    found = messages_of(doc, spec)
+    if isinstance(found, str):
+        return Parsed(None, found, doc=doc)
+    return Parsed(len(found), doc=doc, messages=found)
+
+
+def count_doc(doc: Any, spec: CountSpec) -> int:
+    """Messages in an in-memory document (what a library save is about to write)."""
+    if spec.kind == "jsonl":
+        if not isinstance(doc, list):
+            raise TypeError("a jsonl session is saved as a list of messages")
+        return len(doc)
+    found = messages_of(doc, spec)
+    if isinstance(found, str):
+        raise TypeError(f"cannot save this document: {found}")
+    return len(found)
+
+
+def classify(old: Parsed, new: Parsed | None) -> str:
+    """Name a shrink for logs: wipe, truncate, rewrite, unparseable or deleted."""
+    if new is None:
+        return "deleted"
+    if not new.ok:
+        return "unparseable"
+    if new.count == 0:
+        return "wipe"
+    if old.messages is not None and new.messages == old.messages[: len(new.messages or [])]:
+        return "truncate"
+    return "rewrite"
