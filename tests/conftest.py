@@ -1,70 +1,11 @@
-"""Shared helpers: realistic sessions and a server-style writer that bypasses the guard."""
+"""Shared fixtures (helpers live in sghelpers.py: conftest modules are not importable by name)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
-import threading
 from pathlib import Path
 
-import orjson
 import pytest
-
-
-def make_session(n: int, sid: str = "abc123def456", *, extra: dict | None = None) -> dict:
-    """A hermes-webui-shaped session: metadata first, ~400 bytes per message."""
-    doc = {
-        "session_id": sid,
-        "title": f"session {sid}",
-        "workspace": "/home/user/project",
-        "model": "gpt-5",
-        "created_at": 1764000000.0,
-        "updated_at": 1764000000.0 + n,
-        "pinned": False,
-        "active_stream_id": None,
-    }
-    if extra:
-        doc.update(extra)
-    doc["messages"] = [
-        {
-            "role": "user" if i % 2 == 0 else "assistant",
-            "content": f"message {i}: " + ("lorem ipsum dolor sit amet " * 13),
-            "timestamp": 1764000000.0 + i,
-        }
-        for i in range(n)
-    ]
-    return doc
-
-
-def server_write(path: str | os.PathLike[str], doc: object) -> None:
-    """Write like hermes-webui: tmp `<sid>.tmp.<pid>.<tid>` in the same dir, fsync, os.replace."""
-    path = os.fspath(path)
-    base = path[: -len(".json")] if path.endswith(".json") else path
-    tmp = f"{base}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def count_of(path: str | os.PathLike[str]) -> int:
-    return len(orjson.loads(Path(path).read_bytes())["messages"])
-
-
-def snapshot(directory: str | os.PathLike[str]) -> dict[str, tuple[str, int, int]]:
-    """sha256, inode and mtime_ns of every regular file directly in *directory*."""
-    out = {}
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
-            st = entry.stat(follow_symlinks=False)
-            out[entry.name] = (hashlib.sha256(Path(entry.path).read_bytes()).hexdigest(), st.st_ino, st.st_mtime_ns)
-    return out
-
-
-IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mount/sysctl/other users)")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import sessionguard
 from sessionguard import Guard, PartialSessionError, UnsafeSessionFile
 from sessionguard import guard as guard_mod
 
-from conftest import count_of, make_session, needs_root, server_write, snapshot
+from sghelpers import count_of, make_session, needs_root, server_write, snapshot
 
 SID = "abc123def456"
 

@@ -26,6 +26,8 @@ from .store import (
     STORE_DIRNAME,
     RestoreResult,
     Retention,
+    is_loss,
+    loss_reason,
     Store,
     Version,
     validate_sid,
@@ -79,25 +81,6 @@ class RecoveryReport:
 
     restored: list[Recovered] = field(default_factory=list)
     left_alone: list[LeftAlone] = field(default_factory=list)
-
-
-def is_loss(before: int | None, after: int | None, *, exists: bool = True) -> bool:
-    """Does going from *before* to *after* messages lose anything?
-
-    ``None`` means unparseable. An unparseable *before* has nothing countable
-    to lose; an unparseable or missing *after* loses a parseable *before*.
-    """
-    if before is None:
-        return False
-    if not exists or after is None:
-        return True
-    return after < before
-
-
-def loss_reason(after: int | None, *, exists: bool = True) -> str:
-    if not exists:
-        return "deleted"
-    return "unparseable" if after is None else "shrink"
 
 
 class Guard:

@@ -120,6 +120,27 @@ def validate_sid(sid: str) -> str:
     return sid
 
 
+def is_loss(before: int | None, after: int | None, *, exists: bool = True) -> bool:
+    """Does going from *before* to *after* messages lose anything?
+
+    The one rule every writer of versions applies. ``None`` means
+    unparseable: an unparseable *before* has nothing countable to lose; an
+    unparseable or missing *after* loses a parseable *before*.
+    """
+    if before is None:
+        return False
+    if not exists or after is None:
+        return True
+    return after < before
+
+
+def loss_reason(after: int | None, *, exists: bool = True) -> Reason:
+    """The version reason for a loss: ``deleted``, ``unparseable`` or ``shrink``."""
+    if not exists:
+        return "deleted"
+    return "unparseable" if after is None else "shrink"
+
+
 def content_hash(data: bytes) -> str:
     """The content id of a version: 64 bits of BLAKE2b, in hex."""
     return hashlib.blake2b(data, digest_size=8).hexdigest()
