@@ -46,6 +46,7 @@ from typing import Iterable, Iterator, Sequence, Union
 __all__ = [
     "Container",
     "BootError",
+    "CommandError",
     "booted_systemd",
     "nspawn_skip_reason",
     "ensure_nspawn",
@@ -128,6 +129,13 @@ def ensure_nspawn() -> bool:
 # the container
 
 
+class CommandError(subprocess.CalledProcessError):
+    """CalledProcessError whose message includes the captured output."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstdout: {self.stdout[-2000:]}\nstderr: {self.stderr[-2000:]}"
+
+
 @dataclass
 class Container:
     """A booted container: ``pid`` is its PID 1 as seen from the host."""
@@ -163,7 +171,7 @@ class Container:
         full = ["nsenter", "-t", str(self.pid), "-a", "--"] + argv
         r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input)
         if check and r.returncode != 0:
-            raise subprocess.CalledProcessError(r.returncode, argv, r.stdout, r.stderr)
+            raise CommandError(r.returncode, argv, r.stdout, r.stderr)
         return r
 
     def systemctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
@@ -320,6 +328,7 @@ def booted_systemd(
     enable: Iterable[str] = (),
     timeout: float = BOOT_TIMEOUT,
     kernel_args: Sequence[str] = (),
+    volatile: str = "yes",
 ) -> Iterator[Container]:
     """Boot the host's OS as a volatile container and yield a :class:`Container`.
 
@@ -332,6 +341,11 @@ def booted_systemd(
     mask        extra units to mask (on top of :data:`DEFAULT_MASK`)
     enable      units to ``systemctl enable --now`` once the system is running
     timeout     seconds to wait for ``is-system-running`` = running|degraded
+    volatile    nspawn's --volatile= mode.  "yes" (default): / is an empty tmpfs
+                plus the host's /usr -- fast, nothing of the host's /etc, /var or
+                /opt.  "overlay": the whole host tree with a tmpfs overlay on top,
+                so dpkg's database, /etc and /opt are there and writable (for
+                installing a .deb); all writes vanish with the container.
 
     On exit the container is powered off (killed if it hangs) and the cgroups
     nspawn left are removed.  Raises :class:`BootError` if the boot fails.
@@ -349,7 +363,7 @@ def booted_systemd(
         args = [
             "systemd-nspawn",
             "-D", "/",
-            "--volatile=yes",
+            f"--volatile={volatile}",
             "--register=no",
             "--keep-unit",
             "--console=read-only",
@@ -357,7 +371,12 @@ def booted_systemd(
         ]
         for name in (*DEFAULT_MASK, *mask):
             args.append(f"--bind-ro=/dev/null:/etc/systemd/system/{name}")
-        for i, spec in enumerate([*units, *extra_units]):
+        # An empty /etc makes systemd apply presets at boot ("enable *" on
+        # Debian), which would start every bound unit with an [Install] section
+        # before the test has prepared anything.  Disable exactly those by preset;
+        # tests start them (or pass enable=[...]).
+        preset_lines = []
+        for spec in [*units, *extra_units]:
             if isinstance(spec, tuple):
                 name, text = spec
                 src = work / "units" / name
@@ -367,6 +386,11 @@ def booted_systemd(
                 src = Path(spec).resolve()
                 name = src.name
             args.append(f"--bind-ro={src}:/etc/systemd/system/{name}")
+            preset_lines.append(f"disable {name}\n")
+        if preset_lines:
+            preset = work / "00-nspawn-harness.preset"
+            preset.write_text("".join(preset_lines))
+            args.append(f"--bind-ro={preset}:/etc/systemd/system-preset/00-nspawn-harness.preset")
         for host, inside in binds:
             args.append(f"--bind={Path(host).resolve()}:{inside}")
         for host, inside in ro_binds:

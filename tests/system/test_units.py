@@ -19,11 +19,9 @@ None of this imports the sessionguard package.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import textwrap
 import tomllib
 from pathlib import Path
 
@@ -187,7 +185,7 @@ def notify(msg):
     s.send(msg.encode())
     s.close()
 
-probes = {"uid": os.getuid(), "gid": os.getgid(), "umask": None}
+probes = {"uid": os.getuid(), "gid": os.getgid()}
 # socket activation
 assert os.environ.get("LISTEN_PID") == str(os.getpid())
 probes["listen_fds"] = int(os.environ["LISTEN_FDS"])
@@ -206,6 +204,8 @@ with open(tmp, "w") as f:
     f.write("{}")
     f.flush(); os.fsync(f.fileno())
 os.replace(tmp, os.path.join(store, "probe.json"))
+if os.path.exists(os.path.join(store, "probe.link")):
+    os.unlink(os.path.join(store, "probe.link"))
 os.link(os.path.join(store, "probe.json"), os.path.join(store, "probe.link"))
 probes["store_mode"] = oct(os.stat(os.path.join(store, "probe.json")).st_mode & 0o777)
 # a filtered syscall must fail with EPERM, not kill us (SystemCallErrorNumber=EPERM)
@@ -277,6 +277,8 @@ def test_hardened_service_in_container(nspawn_ok, tmp_path):
         ],
     ) as c:
         print(f"container booted in {c.boot_seconds:.1f}s")
+        # the harness keeps bound units from being preset-enabled and started at boot
+        assert c.systemctl("is-active", "sessionguard.service", check=False).stdout.strip() == "inactive"
         # sysusers.d was applied by the container's boot
         assert c.run(["getent", "passwd", "sessionguard"]).stdout.startswith("sessionguard:")
         assert c.run(["getent", "group", "sessionguard-admin"]).returncode == 0
@@ -292,6 +294,7 @@ def test_hardened_service_in_container(nspawn_ok, tmp_path):
             props, c.journal("sessionguard.service"))
         assert props["StatusText"] == "stub watching /var/lib/hermes/sessions"
         assert props["WatchdogUSec"] == "30s"
+        assert props["NRestarts"] == "0"
 
         r = c.run(["python3", "-c", CLIENT])
         probes = json.loads(r.stdout)
