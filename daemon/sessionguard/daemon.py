@@ -1,8 +1,485 @@
-"""Placeholder until its issue lands."""
+"""``sessionguardd``: wires config, logging, store, tracker, watcher, control socket and systemd.
 
+Threads: the main thread handles signals, sd_notify and watchdog pings; the
+watcher's worker evaluates changed files; a maintenance thread runs scans,
+reconciliations and overflow rescans; the control server runs its own loop.
+Nothing below this module imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import stat
 import sys
+import threading
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+from . import __version__, config, fsutil, log as logconf, systemd
+from .config import Config, ConfigError
+from .count import CountSpec
+from .store import PruneReport, RestoreResult, Version, VersionNotFound
+from .tracker import Tracker, WatchState
+from .watch import Watcher
+
+#: How often the maintenance thread checks that every watch root still exists.
+ROOT_CHECK_SECONDS = 1.0
 
 
-def main() -> int:
-    print("sessionguard: daemon not implemented yet", file=sys.stderr)
-    return 2
+def _dir_problem(path: str) -> str:
+    """Why *path* cannot be watched ('' if it can): missing, not a directory, no permission."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "no such directory"
+    except PermissionError:
+        return "permission denied (check the daemon user's access to every parent directory)"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "" if stat.S_ISDIR(st.st_mode) else "not a directory"
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
+
+
+class Daemon:
+    """One running sessionguardd. Also the control server's backend."""
+
+    def __init__(self, cfg: Config, log: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.started = time.time()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._reload = False
+        self._rescan = threading.Event()
+        self._maint_stop = threading.Event()
+        self._usage_cache: tuple[float, int, int] = (0.0, 0, 0)
+        self.control: Any = None
+        self.tracker = Tracker(list(cfg.watches), log)
+        self.watcher = Watcher(self.tracker, log, self._on_overflow)
+        self._maint = threading.Thread(target=self._maintain, name="sessionguard-maint", daemon=True)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Watch, scan every watched file (pins in place), then serve. READY comes after this."""
+        self.watcher.start()
+        for ws in self.tracker.watches:
+            self._bring_up(ws, initial=True)
+        self._maint.start()
+        self._start_control()
+        self.log.info(
+            "daemon.started",
+            version=__version__,
+            pid=os.getpid(),
+            socket=self.cfg.socket,
+            config=self.cfg.source,
+            watches=[self._describe(ws) for ws in self.tracker.watches],
+        )
+
+    def _describe(self, ws: WatchState) -> dict[str, Any]:
+        method = ws.cfg.pin
+        if method == "auto" and ws.store is not None:
+            method = "reflink" if fsutil.reflink_supported(ws.store.root) else "copy"
+        return {"path": ws.root, "available": ws.available, "pin": ws.cfg.pin, "pin_method": method,
+                "store": ws.cfg.store_path}
+
+    def _bring_up(self, ws: WatchState, *, initial: bool = False) -> None:
+        """Watch and scan one directory, if it exists. Scheduling comes first so
+        nothing written during the scan is missed."""
+        problem = _dir_problem(ws.root)
+        if problem:
+            if initial or ws.available:
+                self.log.warning("watch.missing", watch=ws.root, why=problem,
+                                 hint="it will be watched as soon as it is there (checked every second)")
+            ws.available = False
+            return
+        try:
+            if not self.watcher.schedule(ws):
+                return
+            ws.available = True
+            self.tracker.scan(ws)
+            if not initial:
+                self.log.info("watch.restored", **self._describe(ws))
+            elif ws.cfg.pin == "link":
+                self.log.warning("watch.pin_link", watch=ws.root,
+                                 risk="hard-link pins share the live inode: an in-place truncating write "
+                                      "destroys the prior version too; use only for rename-only writers")
+        except Exception as exc:  # noqa: BLE001 - one bad watch must not stop the others
+            ws.available = False
+            self.tracker.bump("errors")
+            self.log.exception("watch.failed", watch=ws.root, error=str(exc))
+
+    def _start_control(self) -> None:
+        from .control import ControlServer
+
+        try:
+            sock = systemd.activated_socket("control")
+            self.control = ControlServer(self, path=None if sock else self.cfg.socket, sock=sock,
+                                         read_group=self.cfg.read_group, admin_group=self.cfg.admin_group,
+                                         logger=self.log)
+            self.control.start()
+        except OSError as exc:
+            self.tracker.stats.degraded["control"] = f"control socket unavailable: {exc}"
+            self.log.error("control.failed", socket=self.cfg.socket, error=str(exc))
+            self.control = None
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        self.start()
+        systemd.notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
+        ping = systemd.watchdog_interval()
+        tick = min(1.0, ping / 2) if ping else 1.0
+        last_status = 0.0
+        while not self._stopping:
+            self._wake.wait(tick)
+            self._wake.clear()
+            if self._reload and not self._stopping:
+                self._reload = False
+                self.reload()
+            healthy, why = self.healthy()
+            if ping and healthy:
+                systemd.notify("WATCHDOG=1")
+            elif ping:
+                self.log.error("watchdog.withheld", why=why)
+            if time.monotonic() - last_status >= 5:
+                last_status = time.monotonic()
+                systemd.notify(f"STATUS={self.status_line()}")
+        self.shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stopping = True
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        systemd.notify("STOPPING=1", "STATUS=stopping")
+        self.log.info("daemon.stopping", in_hand=self.watcher.in_hand, queued=len(self.watcher.queue))
+        if self.control is not None:
+            self.control.stop()
+        self._maint_stop.set()
+        self._rescan.set()
+        self._maint.join(timeout=30)
+        self.watcher.stop()
+        self.log.info("daemon.stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; on error keep running with the old one."""
+        systemd.notify("RELOADING=1", "STATUS=reloading configuration")
+        try:
+            new = config.load_file(self.cfg.source) if self.cfg.source else self.cfg
+            if self.cfg.source is None:
+                self.log.info("config.reload_skipped", why="no config file: started from flags only")
+        except ConfigError as exc:
+            self.log.error("config.invalid", error=str(exc), action="kept the running configuration")
+            systemd.notify("READY=1", f"STATUS={self.status_line()}")
+            return
+        new = replace(new, socket=self.cfg.socket, log_format=self.cfg.log_format)
+        self._maint_stop.set()
+        self._rescan.set()
+        self._maint.join(timeout=30)
+        self.watcher.stop()
+        self.cfg = new
+        self.tracker = Tracker(list(new.watches), self.log)
+        self.watcher = Watcher(self.tracker, self.log, self._on_overflow)
+        self._maint_stop = threading.Event()
+        self._rescan = threading.Event()
+        self._maint = threading.Thread(target=self._maintain, name="sessionguard-maint", daemon=True)
+        self.watcher.start()
+        for ws in self.tracker.watches:
+            self._bring_up(ws, initial=True)
+        self._maint.start()
+        self.log.info("config.reloaded", watches=[self._describe(ws) for ws in self.tracker.watches])
+        systemd.notify("READY=1", f"STATUS={self.status_line()}")
+
+    # -- maintenance ---------------------------------------------------------
+
+    def _on_overflow(self) -> None:
+        """Called on watchdog's thread: events were lost, rescan everything."""
+        with self.tracker._stats_lock:
+            self.tracker.stats.overflows += 1
+            self.tracker.stats.last_overflow = time.time()
+        self.log.warning("watch.overflow", action="full rescan of every watch")
+        self._rescan.set()
+
+    def _maintain(self) -> None:
+        next_reconcile = time.monotonic() + self.cfg.reconcile_interval
+        stop, rescan, tracker = self._maint_stop, self._rescan, self.tracker
+        while not stop.is_set():
+            rescan.wait(ROOT_CHECK_SECONDS)
+            if stop.is_set():
+                break
+            try:
+                if rescan.is_set():
+                    rescan.clear()
+                    for ws in tracker.watches:
+                        if ws.available:
+                            tracker.scan(ws)
+                    next_reconcile = time.monotonic() + self.cfg.reconcile_interval
+                self._check_roots()
+                if time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + self.cfg.reconcile_interval
+                    for ws in tracker.watches:
+                        if ws.available:
+                            tracker.reconcile(ws)
+                    self._write_metrics_textfile()
+            except Exception as exc:  # noqa: BLE001 - maintenance must keep running
+                tracker.bump("errors")
+                self.log.exception("maintenance.error", error=str(exc))
+
+    def _check_roots(self) -> None:
+        """A watched directory removed is reported; when it comes back it is watched again."""
+        for ws in self.tracker.watches:
+            exists = not _dir_problem(ws.root)
+            if ws.available and not exists:
+                ws.available = False
+                ws.store = None  # the default store lived inside it: re-created on return
+                self.watcher.unschedule(ws)
+                self.tracker.stats.degraded[f"watch:{ws.root}"] = "watched directory is missing"
+                self.log.error("watch.removed", watch=ws.root, hint="will re-watch when it comes back")
+            elif not ws.available and exists:
+                self.tracker.stats.degraded.pop(f"watch:{ws.root}", None)
+                self._bring_up(ws)
+
+    def healthy(self) -> tuple[bool, str]:
+        ok, why = self.watcher.healthy()
+        if ok and not self._maint.is_alive():
+            return False, "maintenance thread died"
+        return ok, why
+
+    # -- views (status line, status, list, metrics) --------------------------
+
+    def status_line(self) -> str:
+        s = self.tracker.stats
+        tracked = sum(len(ws.files) for ws in self.tracker.watches)
+        last = f"last shrink {s.last_shrink[0]} ({s.last_shrink[2]}) at {_iso(s.last_shrink[1])}" if s.last_shrink else "no shrink seen"
+        degraded = f"; DEGRADED: {', '.join(s.degraded.values())}" if s.degraded else ""
+        return f"{tracked} sessions tracked, {s.versions_kept} versions kept, {last}{degraded}"
+
+    def _usage(self) -> tuple[int, int]:
+        """(versions, bytes) across stores, cached for a minute: it walks every session folder."""
+        at, versions, total = self._usage_cache
+        if time.monotonic() - at > 60 or at == 0.0:
+            versions = total = 0
+            for ws in self.tracker.watches:
+                if ws.store is not None:
+                    v, b = ws.store.usage()
+                    versions, total = versions + v, total + b
+            self._usage_cache = (time.monotonic(), versions, total)
+        return versions, total
+
+    def status(self) -> dict[str, Any]:
+        s = self.tracker.stats
+        versions, total = self._usage()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "watches": [dict(self._describe(ws), sessions=len(ws.files)) for ws in self.tracker.watches],
+            "sessions": sum(len(ws.files) for ws in self.tracker.watches),
+            "versions": versions,
+            "store_bytes": total,
+            "events": s.events,
+            "evaluations": s.evaluations,
+            "versions_kept": s.versions_kept,
+            "shrinks": dict(s.shrinks),
+            "restores": s.restores,
+            "errors": s.errors,
+            "queued": len(self.watcher.queue),
+            "last_reconcile": _iso(s.last_reconcile),
+            "last_overflow": _iso(s.last_overflow),
+            "overflows": s.overflows,
+            "degraded": sorted(s.degraded.values()),
+        }
+
+    def list_sessions(self, shrunk_only: bool) -> list[dict[str, Any]]:
+        out = []
+        for ws in self.tracker.watches:
+            for sid, t in sorted(list(ws.files.items())):
+                shrunk = t.versions > 0
+                if shrunk_only and not shrunk:
+                    continue
+                out.append({"sid": sid, "watch": ws.root, "count": t.count, "high_water": t.high_water,
+                            "versions": t.versions, "last_shrink": _iso(t.last_shrink)})
+        return out
+
+    def _locate(self, sid: str, watch: str | None) -> WatchState:
+        """The watch holding *sid* (by live file, tracked state or store)."""
+        candidates = []
+        for ws in self.tracker.watches:
+            if watch is not None and os.path.abspath(watch) != ws.root:
+                continue
+            if ws.store is None:
+                continue
+            if sid in ws.files or os.path.lexists(ws.path_for(sid)) or os.path.isdir(ws.store.session_dir(sid)):
+                candidates.append(ws)
+        if not candidates:
+            raise VersionNotFound(f"no session {sid!r}" + (f" in watch {watch}" if watch else ""))
+        if len(candidates) > 1:
+            raise LookupError(f"session {sid!r} exists in several watches; pass watch= one of "
+                              + ", ".join(ws.root for ws in candidates))
+        return candidates[0]
+
+    def history(self, sid: str, watch: str | None) -> list[Version]:
+        ws = self._locate(sid, watch)
+        assert ws.store is not None
+        return ws.store.versions(sid)
+
+    def read_version(self, sid: str, version: str | None, watch: str | None) -> tuple[Version, bytes]:
+        ws = self._locate(sid, watch)
+        assert ws.store is not None
+        v = ws.store.find(sid, version)
+        return v, ws.store.read_version(v)
+
+    def read_live(self, sid: str, watch: str | None) -> bytes | None:
+        ws = self._locate(sid, watch)
+        try:
+            data, _ = fsutil.read_regular(ws.path_for(sid), ws.cfg.max_file_bytes)
+        except FileNotFoundError:
+            return None
+        return data
+
+    def spec(self, sid: str, watch: str | None) -> CountSpec:
+        return self._locate(sid, watch).spec
+
+    def restore(self, sid: str, version: str | None, watch: str | None, dry_run: bool) -> RestoreResult:
+        ws = self._locate(sid, watch)
+        assert ws.store is not None
+        result = ws.store.restore(sid, ws.path_for(sid), version, spec=ws.spec, source="admin",
+                                  dry_run=dry_run, lock_timeout=30.0)
+        if not dry_run and not result.unchanged:
+            self.tracker.bump("restores")
+            self.tracker.evaluate(ws.path_for(sid))  # learn the restored file now, not at the next event
+            t = ws.files.get(sid)
+            if t is not None:
+                t.versions = len(ws.store.versions(sid))
+            self._usage_cache = (0.0, 0, 0)
+        return result
+
+    def prune(self) -> PruneReport:
+        report = PruneReport()
+        for ws in self.tracker.watches:
+            if ws.store is not None:
+                r = ws.store.prune()
+                report.removed.extend(r.removed)
+                report.bytes_freed += r.bytes_freed
+        self._usage_cache = (0.0, 0, 0)
+        self.log.info("store.pruned", removed=len(report.removed), bytes_freed=report.bytes_freed)
+        return report
+
+    def sync(self, timeout: float) -> bool:
+        return self.watcher.sync([ws.root for ws in self.tracker.watches if ws.available], timeout)
+
+    def metrics(self) -> str:
+        s = self.tracker.stats
+        versions, total = self._usage()
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP sessionguard_{name} {help_}")
+            lines.append(f"# TYPE sessionguard_{name} {kind}")
+            lines.extend(f"sessionguard_{name}{labels} {value}" for labels, value in samples)
+
+        metric("sessions_tracked", "gauge", "Session files currently tracked.",
+               [("", sum(len(ws.files) for ws in self.tracker.watches))])
+        metric("shrinks_total", "counter", "Shrinking writes seen, by class.",
+               [(f'{{class="{c}"}}', s.shrinks.get(c, 0))
+                for c in ("wipe", "truncate", "rewrite", "unparseable", "deleted")])
+        metric("versions_kept_total", "counter", "Versions kept by this daemon.", [("", s.versions_kept)])
+        metric("store_versions", "gauge", "Versions held in the stores.", [("", versions)])
+        metric("store_bytes", "gauge", "Bytes held in the stores (each inode once).", [("", total)])
+        metric("restores_total", "counter", "Restores made through the control socket.", [("", s.restores)])
+        metric("events_total", "counter", "Filesystem events received.", [("", s.events)])
+        metric("overflows_total", "counter", "inotify queue overflows (events lost, rescanned).", [("", s.overflows)])
+        metric("reconciliations_total", "counter", "Stat-only reconciliation passes.", [("", s.reconciliations)])
+        metric("errors_total", "counter", "Errors (each also logged).", [("", s.errors)])
+        metric("degraded", "gauge", "1 while something is degraded (see status).", [("", 1 if s.degraded else 0)])
+        return "\n".join(lines) + "\n"
+
+    def _write_metrics_textfile(self) -> None:
+        if not self.cfg.metrics_textfile:
+            return
+        try:
+            fsutil.atomic_write(self.cfg.metrics_textfile, self.metrics().encode(), mode=0o644)
+        except OSError as exc:
+            self.log.warning("metrics.write_failed", path=self.cfg.metrics_textfile, error=str(exc))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sessionguardd",
+        description="Watch chat/agent session directories and keep the prior version of every "
+                    "session that a write shrinks, makes unparseable or deletes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""\
+With no arguments, watches {config.default_watch_dir()}
+(hermes-webui's default; $HERMES_WEBUI_STATE_DIR/sessions when set), or the
+watches in {config.DEFAULT_CONFIG_FILE} when that file exists.
+
+examples:
+  sessionguardd                                  # default directory
+  sessionguardd --watch /srv/chat/sessions --watch /srv/agents/sessions
+  sessionguardd --config /etc/sessionguard/sessionguard.toml --check-config
+
+signals: SIGTERM/SIGINT stop cleanly (exit 0), SIGHUP reloads the config file.
+exit codes: 0 stopped cleanly, 1 failed to start, 2 invalid configuration.
+""",
+    )
+    p.add_argument("--version", action="version", version=f"sessionguardd {__version__}")
+    p.add_argument("--config", metavar="FILE", help=f"TOML config (default: {config.DEFAULT_CONFIG_FILE} if present)")
+    p.add_argument("--watch", metavar="DIR", action="append", help="session directory to watch (repeatable; "
+                   "replaces the config file's watches)")
+    p.add_argument("--socket", metavar="PATH", help=f"control socket (default: {config.default_socket_path()})")
+    p.add_argument("--pin", choices=("auto", "copy", "link"),
+                   help="pin method for every watch (default auto: reflink where possible, else copy)")
+    p.add_argument("--reconcile-interval", type=float, metavar="SECONDS",
+                   help="seconds between stat-only reconciliation passes (default 30)")
+    p.add_argument("--log-format", choices=config.LOG_FORMATS, help="default auto: journal under systemd, "
+                   "console on a TTY, else JSON lines on stdout")
+    p.add_argument("--log-level", choices=config.LOG_LEVELS)
+    p.add_argument("--check-config", action="store_true", help="validate the configuration, print it, and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config.from_args(args)
+    except ConfigError as exc:
+        print(f"sessionguardd: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"configuration OK ({cfg.source or 'defaults and flags'}):")
+        for w in cfg.watches:
+            print(f"  watch {w.path}  pattern={w.pattern} count={w.count} pin={w.pin} store={w.store_path}")
+        print(f"  socket {cfg.socket}")
+        return 0
+    fmt = logconf.resolve_format(cfg.log_format)
+    try:
+        if systemd.under_systemd() or fmt == "journal":
+            systemd.require()
+    except systemd.SystemdUnavailable as exc:
+        print(f"sessionguardd: {exc}", file=sys.stderr)
+        return 1
+    logger = logconf.configure(fmt, cfg.log_level, journal_renderer=systemd.journal_renderer)
+    try:
+        return Daemon(cfg, logger).run()
+    except Exception as exc:  # noqa: BLE001 - one line for the admin, the traceback for the log
+        logger.exception("daemon.failed", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -270,3 +270,28 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def reflink_supported(directory: str) -> bool:
+    """Probe whether *directory*'s filesystem can FICLONE (to log the pin method in use)."""
+    src = tmp_path(os.path.join(directory, "reflink-probe"))
+    dst = tmp_path(os.path.join(directory, "reflink-probe"))
+    try:
+        a = os.open(src, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(a, b"x" * 4096)
+            b = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.ioctl(b, FICLONE, a)
+                return True
+            except OSError:
+                return False
+            finally:
+                os.close(b)
+        finally:
+            os.close(a)
+    except OSError:
+        return False
+    finally:
+        unlink_quietly(src)
+        unlink_quietly(dst)

@@ -1,0 +1,104 @@
+"""structlog configuration: JSON lines for shipping, a readable console on a TTY.
+
+Every event has a stable dotted name (``session.shrunk``) and flat fields;
+the README's catalogue lists them. Tracebacks are rendered as dicts *without*
+local variables, which would leak message contents into logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import orjson
+import structlog
+
+Processor = Callable[[Any, str, dict[str, Any]], Any]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def stderr_is_journal() -> bool:
+    """True when systemd connected stderr to the journal (``JOURNAL_STREAM=dev:ino``)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def resolve_format(fmt: str) -> str:
+    """``auto`` → ``journal`` under systemd's journal, ``console`` on a TTY, else ``json``."""
+    if fmt != "auto":
+        return fmt
+    if stderr_is_journal():
+        return "journal"
+    return "console" if sys.stderr.isatty() else "json"
+
+
+def configure(fmt: str, level: str, *, journal_renderer: Processor | None = None) -> structlog.typing.FilteringBoundLogger:
+    """Configure structlog once for the process and return the daemon's logger.
+
+    *fmt* is already resolved (``json``, ``console`` or ``journal``); the
+    journal renderer comes from :mod:`sessionguard.systemd`, which owns the
+    systemd-python import.
+    """
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    factory: Any
+    if fmt == "console":
+        processors = shared + [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        factory = structlog.PrintLoggerFactory(file=sys.stderr)
+    elif fmt == "journal":
+        if journal_renderer is None:
+            raise ValueError("journal logging needs the systemd renderer")
+        processors = shared + [
+            structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
+            journal_renderer,
+        ]
+        factory = structlog.PrintLoggerFactory(file=sys.stderr)
+    else:
+        processors = shared + [
+            structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ]
+        factory = structlog.BytesLoggerFactory(file=sys.stdout.buffer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+    _forward_stdlib_logging(_LEVELS[level])
+    return structlog.get_logger("sessionguard")
+
+
+class _ToStructlog(logging.Handler):
+    """Route stdlib logging (the library's guard, watchdog) into the same stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event = getattr(record, "sg_event", None) or f"{record.name}.log"
+            log = structlog.get_logger(record.name)
+            method = {logging.DEBUG: log.debug, logging.INFO: log.info, logging.WARNING: log.warning}.get(
+                record.levelno, log.error)
+            method(event, message=record.getMessage())
+        except Exception:  # noqa: BLE001 - logging must never take the daemon down
+            self.handleError(record)
+
+
+def _forward_stdlib_logging(level: int) -> None:
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _ToStructlog)]
+    root.addHandler(_ToStructlog())
+    root.setLevel(max(level, logging.INFO))

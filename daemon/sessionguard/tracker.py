@@ -1,0 +1,424 @@
+"""Per-file state and the decision: grew / same / shrank / unparseable / deleted.
+
+``Tracker.evaluate`` is called with "this file may have changed" — from an
+inotify event, the start-up scan or a reconciliation pass — and compares the
+live file with its pin: a loss turns the pin into a durable version *before*
+the pin moves to the new content. Every failure is logged and leaves the old
+pin in place, so the last good version is never given up.
+
+Knows nothing of inotify, sockets or systemd.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import stat
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from . import fsutil
+from .config import WatchConfig
+from .count import CountSpec, Parsed, StatKey, classify, parse, stat_key
+from .store import (
+    Pin,
+    PinPolicy,
+    Store,
+    StoreError,
+    is_loss,
+    loss_reason,
+    validate_sid,
+)
+
+#: A file modified less than this long ago is left to its close/rename event
+#: by the periodic reconciliation, so an in-place writer is never read half-way.
+SETTLE_SECONDS = 1.0
+#: How long a capture waits for a session lock held by another process.
+LOCK_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class Tracked:
+    """What the daemon knows of one session file (the pin, in memory)."""
+
+    count: int | None
+    key: StatKey
+    high_water: int | None
+    versions: int = 0
+    last_shrink: float | None = None
+
+
+@dataclass
+class Stats:
+    """Counters for status, metrics and the systemd STATUS= line."""
+
+    events: int = 0
+    evaluations: int = 0
+    shrinks: Counter[str] = field(default_factory=Counter)
+    versions_kept: int = 0
+    restores: int = 0
+    overflows: int = 0
+    reconciliations: int = 0
+    errors: int = 0
+    skipped: int = 0
+    last_reconcile: float | None = None
+    last_overflow: float | None = None
+    last_shrink: tuple[str, float, str] | None = None
+    degraded: dict[str, str] = field(default_factory=dict)
+
+
+class WatchState:
+    """One watched directory: its config, store, and tracked sessions."""
+
+    def __init__(self, cfg: WatchConfig) -> None:
+        self.cfg = cfg
+        self.root = cfg.path
+        self.spec = CountSpec.parse(cfg.count)
+        self.store: Store | None = None
+        self.files: dict[str, Tracked] = {}
+        self.skipped: dict[str, StatKey] = {}
+        self.available = False
+        pattern = cfg.pattern
+        literal_suffix = pattern[1:] if pattern.startswith("*") and not any(c in pattern[1:] for c in "*?[") else ""
+        self.suffix = literal_suffix
+        store_path = cfg.store_path
+        self._store_prefix = store_path + os.sep
+
+    @property
+    def pin_policy(self) -> PinPolicy:
+        return self.cfg.pin  # type: ignore[return-value]
+
+    def open_store(self) -> Store:
+        if self.store is None:
+            self.store = Store(self.cfg.store_path, retention=self.cfg.retention, max_bytes=self.cfg.max_file_bytes)
+        return self.store
+
+    def sid_for(self, path: str) -> str | None:
+        """The session id for *path*, or None if the path is not a session of this watch."""
+        if path.startswith(self._store_prefix) or not path.startswith(self.root + os.sep):
+            return None
+        rel = path[len(self.root) + 1:]
+        parts = rel.split(os.sep)
+        if len(parts) > 1 and not self.cfg.recursive:
+            return None
+        if any(fnmatch.fnmatchcase(p, ex) for p in parts for ex in self.cfg.exclude):
+            return None
+        if not fnmatch.fnmatchcase(parts[-1], self.cfg.pattern):
+            return None
+        if self.suffix:
+            rel = rel[: -len(self.suffix)]
+        sid = rel.replace("%", "%25").replace(os.sep, "%2F")
+        try:
+            return validate_sid(sid)
+        except ValueError:
+            return None
+
+    def path_for(self, sid: str) -> str:
+        rel = sid.replace("%2F", os.sep).replace("%25", "%")
+        return os.path.join(self.root, rel + self.suffix)
+
+    def iter_files(self) -> Iterator[str]:
+        """Candidate session paths under the root (no symlinked dirs followed)."""
+        stack = [self.root]
+        while stack:
+            d = stack.pop()
+            try:
+                with os.scandir(d) as it:
+                    for entry in it:
+                        if entry.is_dir(follow_symlinks=False):
+                            if self.cfg.recursive and not any(
+                                fnmatch.fnmatchcase(entry.name, ex) for ex in self.cfg.exclude
+                            ) and not (entry.path + os.sep).startswith(self._store_prefix):
+                                stack.append(entry.path)
+                        elif self.sid_for(entry.path) is not None:
+                            yield entry.path
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue
+
+
+class Tracker:
+    """The daemon's decisions, for every watch. Thread-safe per session (store locks)."""
+
+    def __init__(self, watches: list[WatchConfig], log: Any) -> None:
+        self.watches = [WatchState(w) for w in watches]
+        self.log = log
+        self.stats = Stats()
+        self._stats_lock = threading.Lock()
+
+    # -- helpers -------------------------------------------------------------
+
+    def watch_for(self, path: str) -> tuple[WatchState, str] | None:
+        for ws in self.watches:
+            sid = ws.sid_for(path)
+            if sid is not None:
+                return ws, sid
+        return None
+
+    def bump(self, name: str, n: int = 1) -> None:
+        """Add *n* to the counter *name* (thread-safe)."""
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def _degrade(self, key: str, why: str | None) -> None:
+        with self._stats_lock:
+            if why is None:
+                if self.stats.degraded.pop(key, None) is not None:
+                    self.log.info("degraded.cleared", component=key)
+            elif self.stats.degraded.get(key) != why:
+                self.stats.degraded[key] = why
+                self.log.error("degraded", component=key, why=why)
+
+    def _skip(self, ws: WatchState, path: str, why: str, key: StatKey) -> str:
+        """Log a skipped file once per state of that file, not on every pass."""
+        if ws.skipped.get(path) != key:
+            ws.skipped[path] = key
+            self.bump("skipped")
+            self.log.warning("file.skipped", watch=ws.root, path=path, why=why)
+        return "skipped"
+
+    # -- the decision --------------------------------------------------------
+
+    def evaluate(self, path: str) -> str:
+        """Look at *path* now and act; returns what happened (for logs and tests).
+
+        Never raises: every error is logged and counted, and leaves the old
+        pin in place.
+        """
+        found = self.watch_for(path)
+        if found is None:
+            return "ignored"
+        ws, sid = found
+        if ws.store is None:
+            return "unavailable"
+        self.bump("evaluations")
+        if not os.path.isdir(ws.store.session_dir(sid)):
+            # Nothing pinned yet: a vanished or non-regular file needs no lock,
+            # and taking one would leave an empty store folder behind.
+            try:
+                lst = os.lstat(path)
+            except FileNotFoundError:
+                ws.files.pop(sid, None)
+                return "gone"
+            if not stat.S_ISREG(lst.st_mode):
+                return self._skip(ws, path, f"{_kind(lst.st_mode)}: never followed or read", stat_key(lst))
+        try:
+            with ws.store.lock(sid, LOCK_TIMEOUT):
+                return self._evaluate_locked(ws, sid, path)
+        except OSError as exc:
+            self.bump("errors")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                self._degrade(f"store:{ws.store.root}", f"{os.strerror(exc.errno or 0)} writing the store")
+            self.log.error("pin.failed", watch=ws.root, sid=sid, path=path, error=str(exc), errno=exc.errno)
+            return "error"
+        except StoreError as exc:
+            self.bump("errors")
+            self.log.error("pin.failed", watch=ws.root, sid=sid, path=path, error=str(exc))
+            return "error"
+
+    def _evaluate_locked(self, ws: WatchState, sid: str, path: str) -> str:
+        store = ws.store
+        assert store is not None
+        pin = store.pin(sid, tidy=True)
+        try:
+            lst = os.lstat(path)
+        except FileNotFoundError:
+            return self._deleted(ws, sid, path, pin)
+        if not stat.S_ISREG(lst.st_mode):
+            if pin is not None and pin.count is not None:
+                # The session was replaced by a symlink/FIFO/…: its last version is kept.
+                self._keep(ws, sid, pin, Parsed(None, _kind(lst.st_mode)), None)
+                store.drop_pin(sid)
+            return self._skip(ws, path, f"{_kind(lst.st_mode)}: never followed or read", stat_key(lst))
+        if pin is not None and pin.key == stat_key(lst):
+            self._remember(ws, sid, pin.count, pin.key)
+            return "unchanged"
+        try:
+            fd, st = fsutil.open_regular(path)
+        except FileNotFoundError:
+            return self._deleted(ws, sid, path, pin)
+        except PermissionError:
+            return self._skip(ws, path, "unreadable (permission denied)", stat_key(lst))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return self._skip(ws, path, "symlink: never followed or read", stat_key(lst))
+            raise
+        try:
+            if st.st_size > ws.cfg.max_file_bytes:
+                # Never read or copy it; the pin (last good version) stays.
+                if pin is not None and pin.count is not None and stat_key(st) != pin.key:
+                    self._keep(ws, sid, pin, Parsed(None, "over the size cap"), None)
+                return self._skip(ws, path, f"over the size cap ({st.st_size} > {ws.cfg.max_file_bytes} bytes)",
+                                  stat_key(st))
+            ws.skipped.pop(path, None)
+            new = parse(fsutil.read_fd(fd, st, ws.cfg.max_file_bytes, path), ws.spec)
+            if pin is not None and is_loss(pin.count, new.count):
+                self._keep(ws, sid, pin, new, new.doc)
+            outcome = "new" if pin is None else _growth(pin.count, new.count)
+            store.set_pin(sid, fd, path, st, new.count, policy=ws.pin_policy)
+            self._degrade(f"store:{store.root}", None)
+            self._remember(ws, sid, new.count, stat_key(st))
+            return outcome
+        finally:
+            os.close(fd)
+
+    def _keep(self, ws: WatchState, sid: str, pin: Pin, new: Parsed, new_doc: Any, *, exists: bool = True) -> None:
+        """The write lost messages: make the pin a durable version, then log it."""
+        store = ws.store
+        assert store is not None
+        try:
+            old = store.read_pin(pin, ws.spec)
+        except OSError:
+            old = Parsed(pin.count)
+        cls = classify(old, new if exists else None)
+        reason = loss_reason(new.count, exists=exists)
+        if exists and new.ok and _intent_changed(old.doc, new_doc, ws.cfg.intent_keys):
+            reason = "intended"
+        version = store.keep_pin(sid, reason, "daemon")
+        now = time.time()
+        with self._stats_lock:
+            self.stats.shrinks[cls] += 1
+            self.stats.versions_kept += 1
+            self.stats.last_shrink = (sid, now, cls)
+        tracked = ws.files.get(sid)
+        if tracked is not None:
+            tracked.last_shrink = now
+            tracked.versions += 1
+        log = self.log.info if reason == "intended" else self.log.warning
+        log("session.shrunk", watch=ws.root, sid=sid, **{"class": cls}, reason=reason,
+            before=pin.count, after=new.count if exists else None)
+        if version is not None:
+            self.log.info("version.kept", watch=ws.root, sid=sid, version=version.id, reason=version.reason,
+                          count=version.count, size=version.size, method=version.method, file=version.path)
+        store.apply_retention(sid)
+
+    def _deleted(self, ws: WatchState, sid: str, path: str, pin: Pin | None) -> str:
+        ws.skipped.pop(path, None)
+        if pin is None:
+            ws.files.pop(sid, None)
+            return "gone"
+        self._keep(ws, sid, pin, Parsed(None, "deleted"), None, exists=False)
+        assert ws.store is not None
+        ws.store.drop_pin(sid)
+        ws.files.pop(sid, None)
+        return "deleted"
+
+    def _remember(self, ws: WatchState, sid: str, count: int | None, key: StatKey) -> None:
+        t = ws.files.get(sid)
+        if t is None:
+            ws.files[sid] = Tracked(count, key, count)
+            return
+        t.count, t.key = count, key
+        if count is not None and (t.high_water is None or count > t.high_water):
+            t.high_water = count
+
+    # -- passes --------------------------------------------------------------
+
+    def scan(self, ws: WatchState) -> dict[str, int]:
+        """Start-up / rescan of one watch: every file against its pin.
+
+        Files whose identity matches their pin are not read, so a restart over
+        many unchanged sessions costs a stat and a directory listing each.
+        Sessions pinned in the store whose file is gone were deleted while we
+        were not looking: their pins are kept as ``deleted`` versions.
+        """
+        started = time.monotonic()
+        outcomes: Counter[str] = Counter()
+        store = ws.open_store()
+        store.sweep_tmp()
+        store.sweep_tmp(ws.root)
+        seen: set[str] = set()
+        for path in ws.iter_files():
+            sid = ws.sid_for(path)
+            if sid is None:
+                continue
+            seen.add(sid)
+            outcomes[self.evaluate(path)] += 1
+        for sid in store.sessions():
+            if sid not in seen and store.pin(sid) is not None:
+                outcomes[self.evaluate(ws.path_for(sid))] += 1
+        self._summarise(ws)
+        result = dict(outcomes, files=len(seen), duration_ms=int((time.monotonic() - started) * 1000))
+        self.log.info("scan.completed", watch=ws.root, sessions=len(ws.files), **result)
+        return result
+
+    def _summarise(self, ws: WatchState) -> None:
+        """Fill in versions and high-water marks from the store (for list/status)."""
+        assert ws.store is not None
+        for sid, t in ws.files.items():
+            versions = ws.store.versions(sid)
+            t.versions = len(versions)
+            counts = [v.count for v in versions if v.count is not None]
+            if t.count is not None:
+                counts.append(t.count)
+            t.high_water = max(counts) if counts else None
+            if versions:
+                losses = [v.created for v in versions if v.reason in ("shrink", "unparseable", "deleted", "intended")]
+                t.last_shrink = max(losses) if losses else None
+
+    def reconcile(self, ws: WatchState) -> dict[str, int]:
+        """Cheap stat-only pass: evaluate only files whose identity changed.
+
+        Catches whatever the event stream lost. Files modified within
+        :data:`SETTLE_SECONDS` are left to their own close/rename event.
+        """
+        started = time.monotonic()
+        checked = changed = 0
+        now = time.time()
+        present: set[str] = set()
+        for path in ws.iter_files():
+            sid = ws.sid_for(path)
+            if sid is None:
+                continue
+            present.add(sid)
+            checked += 1
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            t = ws.files.get(sid)
+            if t is not None and t.key == stat_key(st):
+                continue
+            if ws.skipped.get(path) == stat_key(st):
+                continue
+            if now - st.st_mtime < SETTLE_SECONDS:
+                continue
+            changed += 1
+            self.evaluate(path)
+        for sid in [s for s in ws.files if s not in present]:
+            changed += 1
+            self.evaluate(ws.path_for(sid))
+        self.bump("reconciliations")
+        with self._stats_lock:
+            self.stats.last_reconcile = time.time()
+        result = {"checked": checked, "changed": changed, "duration_ms": int((time.monotonic() - started) * 1000)}
+        self.log.info("reconcile.completed", watch=ws.root, **result)
+        return result
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "not a regular file"
+
+
+def _growth(before: int | None, after: int | None) -> str:
+    if after is None:
+        return "unparseable"
+    if before is None or after > before:
+        return "grew"
+    return "same" if after == before else "shrunk"
+
+
+def _intent_changed(old_doc: Any, new_doc: Any, keys: tuple[str, ...]) -> bool:
+    """Did the writer mark this shrink as meant (a changed intent-key value)?"""
+    if not keys or not isinstance(old_doc, dict) or not isinstance(new_doc, dict):
+        return False
+    return any(k in new_doc and new_doc.get(k) != old_doc.get(k) for k in keys)
