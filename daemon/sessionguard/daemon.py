@@ -140,17 +140,22 @@ class Daemon:
         ping = systemd.watchdog_interval()
         tick = min(1.0, ping / 2) if ping else 1.0
         last_status = 0.0
+        was_healthy = True
         while not self._stopping:
             self._wake.wait(tick)
             self._wake.clear()
             if self._reload and not self._stopping:
                 self._reload = False
                 self.reload()
-            healthy, why = self.healthy()
+            healthy, why = self.healthy(ping or 30.0)
             if ping and healthy:
                 systemd.notify("WATCHDOG=1")
-            elif ping:
-                self.log.error("watchdog.withheld", why=why)
+            if healthy != was_healthy:  # log transitions, not every tick
+                was_healthy = healthy
+                if healthy:
+                    self.log.info("watchdog.resumed")
+                else:
+                    self.log.error("watchdog.withheld", why=why)
             if time.monotonic() - last_status >= 5:
                 last_status = time.monotonic()
                 systemd.notify(f"STATUS={self.status_line()}")
@@ -253,8 +258,8 @@ class Daemon:
                 self.tracker.stats.degraded.pop(f"watch:{ws.root}", None)
                 self._bring_up(ws)
 
-    def healthy(self) -> tuple[bool, str]:
-        ok, why = self.watcher.healthy()
+    def healthy(self, stall_seconds: float) -> tuple[bool, str]:
+        ok, why = self.watcher.healthy(stall_seconds)
         if ok and not self._maint.is_alive():
             return False, "maintenance thread died"
         return ok, why

@@ -47,8 +47,6 @@ from .tracker import Tracker, WatchState
 #: Name prefix of ``sync`` cookie files (hidden: never a session, never the server's).
 COOKIE_PREFIX = ".sessionguard-sync-"
 _EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent, DirDeletedEvent, DirMovedEvent]
-#: The worker counts as stuck when work has waited this long without progress.
-STALL_SECONDS = 30.0
 
 
 class CoalescingQueue:
@@ -171,14 +169,18 @@ class Watcher:
                 self.in_hand = None
                 self.last_progress = time.monotonic()
 
-    def healthy(self) -> tuple[bool, str]:
-        """Observer thread alive and the queue being drained (for the systemd watchdog)."""
+    def healthy(self, stall_seconds: float) -> tuple[bool, str]:
+        """Observer thread alive and the queue being drained (for the systemd watchdog).
+
+        The worker is wedged when it has held one file, or left the queue
+        waiting, for longer than *stall_seconds* (the watchdog interval).
+        """
         if not self.observer.is_alive():
             return False, "observer thread died"
         if not self._worker.is_alive():
             return False, "worker thread died"
         stalled = time.monotonic() - self.last_progress
-        if stalled > STALL_SECONDS and (len(self.queue) or self.in_hand):
+        if stalled > stall_seconds and (len(self.queue) or self.in_hand):
             return False, f"worker stuck for {stalled:.0f}s on {self.in_hand or 'queue'}"
         return True, ""
 
