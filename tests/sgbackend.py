@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
+import subprocess
 from typing import Any
 
 import orjson
@@ -234,3 +235,12 @@ def result(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
     resp = rpc(path, method, params)
     assert "error" not in resp, resp
     return resp["result"]
+
+
+def run_as(who: str, accounts, public_client, sock: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run sessionguardctl as one of the throwaway users."""
+    py, env = public_client
+    pw = accounts["users"][who]
+    cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+           py, "-m", "sessionguard.ctl", "--socket", sock, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)

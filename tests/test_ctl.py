@@ -14,9 +14,7 @@ does not matter. If no candidate works the tests skip saying why.
 from __future__ import annotations
 
 import os
-import secrets
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -25,11 +23,10 @@ from datetime import datetime, timezone
 import orjson
 import pytest
 
-import sessionguard
 from sessionguard import ctl as ctlmod
 from sessionguard.control import ControlServer
-from sgbackend import SID, GuardBackend, Recorder, populate, rmtree, short_tmpdir
-from sghelpers import IS_ROOT, count_of
+from sgbackend import SID, GuardBackend, Recorder, populate, rmtree, run_as, short_tmpdir
+from sghelpers import count_of
 
 CTL = [sys.executable, "-m", "sessionguard.ctl"]
 
@@ -216,83 +213,6 @@ def test_formatting_helpers():
 
 # -- authorisation with real users (root only) ----------------------------------------
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def accounts():
-    """Throwaway groups (read, admin, primary) and users reader/admin/outsider; removed afterwards."""
-    if not IS_ROOT:
-        pytest.skip("needs root: creates throwaway users and groups")
-    for tool in ("useradd", "userdel", "groupadd", "groupdel", "setpriv"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
-    tag = secrets.token_hex(3)
-    groups = {"read": f"sgr{tag}", "admin": f"sga{tag}", "primary": f"sgp{tag}"}
-    users = {"reader": (f"sgu{tag}r", groups["read"]), "admin": (f"sgu{tag}a", groups["admin"]),
-             "outsider": (f"sgu{tag}o", None)}
-    made_groups: list[str] = []
-    made_users: list[str] = []
-    try:
-        for g in groups.values():
-            _sh("groupadd", g)
-            made_groups.append(g)
-        for name, extra in users.values():
-            cmd = ["useradd", "--no-create-home", "--no-user-group", "--gid", groups["primary"],
-                   "--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"]
-            if extra:
-                cmd += ["--groups", extra]
-            _sh(*cmd, name)
-            made_users.append(name)
-        import pwd
-
-        yield {"groups": groups, "users": {k: pwd.getpwnam(n) for k, (n, _) in users.items()}}
-    finally:
-        for u in made_users:
-            subprocess.run(["userdel", u], capture_output=True, timeout=60)
-        for g in made_groups:
-            subprocess.run(["groupdel", g], capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def public_client(accounts):
-    """(argv prefix, env) that runs sessionguardctl as an unprivileged user, or skip."""
-    import orjson as _orjson
-
-    shared = short_tmpdir("sgpub")
-    os.chmod(shared, 0o755)
-    pkg = os.path.dirname(sessionguard.__file__)
-    shutil.copytree(pkg, os.path.join(shared, "sessionguard"), ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(os.path.dirname(_orjson.__file__), os.path.join(shared, "orjson"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for root, dirs, files in os.walk(shared):
-        for n in dirs:
-            os.chmod(os.path.join(root, n), 0o755)
-        for n in files:
-            os.chmod(os.path.join(root, n), 0o644)
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": shared, "HOME": "/", "PYTHONDONTWRITEBYTECODE": "1",
-           "LC_ALL": "C.UTF-8"}
-    pw = accounts["users"]["outsider"]
-    candidates = [sys.executable]
-    system = "/usr/bin/python3"
-    if os.path.exists(system):
-        candidates.append(system)
-    tried = []
-    try:
-        for py in candidates:
-            prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", py]
-            probe = subprocess.run(prefix + ["-c", "import sys, sessionguard.ctl; print(sys.version_info[:2])"],
-                                   capture_output=True, text=True, env=env, timeout=60)
-            if probe.returncode == 0:
-                yield py, env
-                return
-            tried.append(f"{py}: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}")
-        pytest.skip("no interpreter an unprivileged user can run sessionguardctl with: " + "; ".join(tried))
-    finally:
-        rmtree(shared)
-
-
 @pytest.fixture
 def shared_daemon(world, accounts):
     d = short_tmpdir()
@@ -306,14 +226,6 @@ def shared_daemon(world, accounts):
     yield path, rec
     srv.stop()
     rmtree(d)
-
-
-def run_as(who: str, accounts, public_client, sock: str, *args: str) -> subprocess.CompletedProcess[str]:
-    py, env = public_client
-    pw = accounts["users"][who]
-    cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
-           py, "-m", "sessionguard.ctl", "--socket", sock, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
 
 
 def test_reader_can_list_but_not_restore(accounts, public_client, shared_daemon, world):
