@@ -121,8 +121,8 @@ class WatchState:
         rel = sid.replace("%2F", os.sep).replace("%25", "%")
         return os.path.join(self.root, rel + self.suffix)
 
-    def iter_files(self) -> Iterator[str]:
-        """Candidate session paths under the root (no symlinked dirs followed)."""
+    def iter_files(self) -> Iterator[tuple[str, str]]:
+        """``(path, sid)`` of every session file under the root (no symlinked dirs followed)."""
         stack = [self.root]
         while stack:
             d = stack.pop()
@@ -134,8 +134,10 @@ class WatchState:
                                 fnmatch.fnmatchcase(entry.name, ex) for ex in self.cfg.exclude
                             ) and not (entry.path + os.sep).startswith(self._store_prefix):
                                 stack.append(entry.path)
-                        elif self.sid_for(entry.path) is not None:
-                            yield entry.path
+                        else:
+                            sid = self.sid_for(entry.path)
+                            if sid is not None:
+                                yield entry.path, sid
             except (FileNotFoundError, NotADirectoryError, PermissionError):
                 continue
 
@@ -331,10 +333,7 @@ class Tracker:
         store.sweep_tmp()
         store.sweep_tmp(ws.root)
         seen: set[str] = set()
-        for path in ws.iter_files():
-            sid = ws.sid_for(path)
-            if sid is None:
-                continue
+        for path, sid in ws.iter_files():
             seen.add(sid)
             outcomes[self.evaluate(path)] += 1
         for sid in store.sessions():
@@ -348,7 +347,7 @@ class Tracker:
     def _summarise(self, ws: WatchState) -> None:
         """Fill in versions and high-water marks from the store (for list/status)."""
         assert ws.store is not None
-        for sid, t in ws.files.items():
+        for sid, t in list(ws.files.items()):  # the worker thread adds entries meanwhile
             versions = ws.store.versions(sid)
             t.versions = len(versions)
             counts = [v.count for v in versions if v.count is not None]
@@ -369,10 +368,7 @@ class Tracker:
         checked = changed = 0
         now = time.time()
         present: set[str] = set()
-        for path in ws.iter_files():
-            sid = ws.sid_for(path)
-            if sid is None:
-                continue
+        for path, sid in ws.iter_files():
             present.add(sid)
             checked += 1
             try:
@@ -388,7 +384,7 @@ class Tracker:
                 continue
             changed += 1
             self.evaluate(path)
-        for sid in [s for s in ws.files if s not in present]:
+        for sid in [s for s in list(ws.files) if s not in present]:
             changed += 1
             self.evaluate(ws.path_for(sid))
         self.bump("reconciliations")
