@@ -237,7 +237,7 @@ def atomic_clone(
     return method, st
 
 
-def link_fd(src_fd: int, src_path: str, final: str, *, sync_dir: bool = True) -> None:
+def link_fd(src_fd: int, src_path: str, final: str, *, sync_dir: bool = True, synced: bool = False) -> None:
     """Give the open file *src_fd*, found at *src_path*, the extra name *final* (zero-copy).
 
     The link is made by path (``linkat`` through ``/proc/self/fd`` answers
@@ -247,8 +247,10 @@ def link_fd(src_fd: int, src_path: str, final: str, *, sync_dir: bool = True) ->
     from the descriptor instead. The data is fsynced first: a link to
     unsynced bytes would not be a durable version. Raises
     ``FileExistsError`` if *final* exists (callers use unique names).
+    *synced* says the caller has just fsynced the file itself.
     """
-    os.fsync(src_fd)
+    if not synced:
+        os.fsync(src_fd)
     os.link(src_path, final, follow_symlinks=False)
     want = os.fstat(src_fd)
     got = os.lstat(final)

@@ -238,9 +238,12 @@ class Guard:
     def _pin_written(self, sid: str, path: str, st: os.stat_result, count: int) -> None:
         """Pin the file just written: a hard link, no bytes copied.
 
-        If another writer replaced it in the microseconds since our rename,
-        the pin is left as it was: the next save or the daemon learns the
-        newer file.
+        The file was fsynced by the save and any version this save needed
+        was made durable before it, so the pin skips both fsyncs: after a
+        crash the previous pin name may survive instead, and it still holds
+        the prior version. If another writer replaced the file in the
+        microseconds since our rename, the pin is left as it was: the next
+        save or the daemon learns the newer file.
         """
         try:
             fd, now = fsutil.open_regular(path)
@@ -248,7 +251,7 @@ class Guard:
             return
         try:
             if now.st_ino == st.st_ino and now.st_dev == st.st_dev:
-                self.store.set_pin(sid, fd, path, now, count, policy="link")
+                self.store.set_pin(sid, fd, path, now, count, policy="link", durable=False, synced=True)
         finally:
             os.close(fd)
 

@@ -368,7 +368,7 @@ class Store:
         return pins[-1]
 
     def set_pin(self, sid: str, fd: int, src_path: str, st: os.stat_result, count: int | None, *,
-                policy: PinPolicy = "auto", durable: bool = True) -> Pin:
+                policy: PinPolicy = "auto", durable: bool = True, synced: bool = False) -> Pin:
         """Make the open live file *fd* (at *src_path*, with stat *st*) the session's pin.
 
         ``link`` shares the inode (zero-copy; only safe for rename-only
@@ -376,6 +376,11 @@ class Store:
         ``auto`` reflinks where the filesystem can and copies otherwise;
         ``copy`` always copies. A link across filesystems falls back to
         ``auto``. Caller holds the lock.
+
+        ``durable=False`` skips the directory fsync: only for a pin whose
+        loss in a crash is harmless — the old pin name then survives, still
+        holding the previous version, which the next comparison treats as
+        the prior state. ``synced=True`` says *fd* was just fsynced.
         """
         sdir = self.session_dir(sid, create=True)
         old = self.pin(sid, tidy=True)
@@ -389,7 +394,7 @@ class Store:
         method: str
         if policy == "link":
             try:
-                fsutil.link_fd(fd, src_path, name("link"), sync_dir=False)
+                fsutil.link_fd(fd, src_path, name("link"), sync_dir=False, synced=synced)
                 method = "link"
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
