@@ -1,0 +1,284 @@
+"""The packaged service, really running under a real systemd (a booted nspawn container).
+
+The .deb is built once per test session with ``packaging/deb/build.sh`` (into a
+temporary DIST, not the repo's dist/) and unpacked with ``dpkg-deb -x``; nothing is
+installed on the host.  The container (tests/system/nspawn.py) gets the package's
+own files bound in at their installed paths:
+
+    /opt/sessionguard                         the private venv (sessionguardd, sessionguardctl)
+    /etc/systemd/system/sessionguard.{service,socket}
+    /etc/sysusers.d, /etc/tmpfiles.d           (applied by the container's boot)
+    /etc/sessionguard/sessionguard.toml        the shipped default config
+                                               (watches /var/lib/hermes/sessions)
+
+and the tests show, with the shipped hardened unit unchanged except a
+``WatchdogSec=3s`` drop-in:
+
+* Type=notify: the unit stays ``activating`` during the initial scan and is
+  ``active (running)`` only once every session file is pinned;
+* STATUS= reaches ``systemctl status``;
+* a wipe produces a native journal entry with the structured fields;
+* ``kill -STOP`` of the main process makes systemd's watchdog restart it;
+* with the service stopped, the first ``sessionguardctl status`` on
+  ``/run/sessionguard.sock`` starts it (socket activation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import nspawn
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = REPO / "packaging" / "deb" / "build.sh"
+WATCH = "/var/lib/hermes/sessions"
+STORE = f"{WATCH}/.sessionguard/sessions"
+CTL = "/opt/sessionguard/bin/sessionguardctl"
+UNIT = "sessionguard.service"
+N_SESSIONS = 3000
+SID = "abc123def456"
+
+
+def _wait(check, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory) -> Path:
+    """packaging/deb/build.sh, once per test session, into a temporary DIST."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: build.sh builds the venv in a private mount namespace")
+    dist = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([str(BUILD)], env=dict(os.environ, DIST=str(dist)), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, f"build.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    out = Path(r.stdout.strip().splitlines()[-1])
+    assert out.is_file() and out.parent == dist, r.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def pkgroot(deb, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pkgroot")
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
+    for p in ("opt/sessionguard/bin/sessionguardd", "lib/systemd/system/sessionguard.service",
+              "lib/systemd/system/sessionguard.socket", "usr/lib/sysusers.d/sessionguard.conf",
+              "usr/lib/tmpfiles.d/sessionguard.conf", "etc/sessionguard/sessionguard.toml"):
+        assert (root / p).exists(), f"{p} missing from the package"
+    return root
+
+
+# Session files as hermes-webui writes them (metadata first, indent=2), created
+# inside the container and handed to the service user.
+MAKE_SESSIONS = r"""
+import json, os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(d, exist_ok=True)
+for i in range(n):
+    sid = "%012x" % (0xabc000000000 + i)
+    msgs = [{"role": ("user", "assistant")[j % 2], "content": "message %d " % j + "lorem ipsum " * 20}
+            for j in range(3 + i % 10)]
+    with open(os.path.join(d, sid + ".json"), "w") as f:
+        json.dump({"session_id": sid, "title": "t", "active_stream_id": None, "messages": msgs}, f, indent=2)
+"""
+
+# The wipe: a metadata-only copy saved over the session (tmp + rename, like the server).
+SERVER_WRITE = r"""
+import json, os, sys
+path, n = sys.argv[1], int(sys.argv[2])
+doc = {"session_id": os.path.basename(path)[:-5], "title": "t", "active_stream_id": None,
+       "messages": [{"role": "user", "content": "m%d" % j} for j in range(n)]}
+tmp = "%s.tmp.%d.1" % (path[:-5], os.getpid())
+with open(tmp, "w") as f:
+    json.dump(doc, f, indent=2)
+    f.flush(); os.fsync(f.fileno())
+os.replace(tmp, path)
+"""
+
+DROPIN = """[Service]
+# test: a short watchdog so a hang is noticed within seconds
+WatchdogSec=3s
+"""
+
+
+@pytest.fixture(scope="module")
+def box(nspawn_ok, pkgroot, tmp_path_factory):
+    """A booted container with the package's files in place and the sessions prepared."""
+    work = tmp_path_factory.mktemp("svc")
+    dropin = work / "10-test-watchdog.conf"
+    dropin.write_text(DROPIN)
+    units = pkgroot / "lib" / "systemd" / "system"
+    with nspawn.booted_systemd(
+        units=[units / "sessionguard.service", units / "sessionguard.socket"],
+        ro_binds=[
+            (pkgroot / "opt" / "sessionguard", "/opt/sessionguard"),
+            (pkgroot / "usr/lib/sysusers.d/sessionguard.conf", "/etc/sysusers.d/sessionguard.conf"),
+            (pkgroot / "usr/lib/tmpfiles.d/sessionguard.conf", "/etc/tmpfiles.d/sessionguard.conf"),
+            (pkgroot / "etc/sessionguard/sessionguard.toml", "/etc/sessionguard/sessionguard.toml"),
+            (dropin, f"/etc/systemd/system/{UNIT}.d/10-test-watchdog.conf"),
+        ],
+    ) as c:
+        print(f"container booted in {c.boot_seconds:.1f}s")
+        c.systemctl("daemon-reload")
+        assert c.show(UNIT, "DropInPaths")["DropInPaths"].endswith("/10-test-watchdog.conf")
+        c.run(["python3", "-c", MAKE_SESSIONS, WATCH, str(N_SESSIONS)], timeout=120)
+        c.run(["python3", "-c", SERVER_WRITE, f"{WATCH}/{SID}.json", "25"])
+        c.run(["chown", "-R", "sessionguard:sessionguard", "/var/lib/hermes"])
+        yield c
+
+
+def n_pins(c: nspawn.Container) -> int:
+    r = c.run(f"find {STORE} -maxdepth 2 -name 'pin.*' 2>/dev/null | wc -l", check=False)
+    return int(r.stdout.strip() or 0)
+
+
+def unit_usec(c: nspawn.Container, unit: str, prop: str) -> int:
+    """A unit's timestamp property in microseconds (CLOCK_REALTIME), over D-Bus."""
+    path = "/org/freedesktop/systemd1/unit/" + "".join(
+        ch if ch.isalnum() else f"_{ord(ch):02x}" for ch in unit)
+    r = c.run(["busctl", "get-property", "org.freedesktop.systemd1", path, "org.freedesktop.systemd1.Unit", prop])
+    kind, value = r.stdout.split()
+    assert kind == "t", r.stdout
+    return int(value)
+
+
+def journal_json(c: nspawn.Container, *match: str) -> list[dict]:
+    r = c.run(["journalctl", "--no-pager", "-o", "json", *match], check=False)
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def test_active_only_after_ready_after_initial_scan(box):
+    c = box
+    total = N_SESSIONS + 1
+    assert c.show(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    assert n_pins(c) == 0
+    c.systemctl("start", "sessionguard.socket")
+    c.systemctl("start", "--no-block", UNIT)
+    seen: list[tuple[str, str]] = []
+
+    def active() -> dict | None:
+        p = c.show(UNIT, "ActiveState", "SubState")
+        state = (p["ActiveState"], p["SubState"])
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        assert p["ActiveState"] != "failed", c.journal(UNIT)
+        return p if p["ActiveState"] == "active" else None
+
+    _wait(active, 90, f"{UNIT} active", interval=0.05)
+    pins_when_active = n_pins(c)
+    print("states seen:", seen, "pins when active:", pins_when_active)
+    # Type=notify: the unit waited for READY=1 while the initial scan ran ...
+    assert ("activating", "start") in seen, seen
+    # ... and READY=1 came only after every session file had its pin.
+    assert pins_when_active == total, f"active with {pins_when_active}/{total} sessions pinned"
+    p = c.show(UNIT, "ActiveState", "SubState", "StatusText", "MainPID", "NRestarts", "Type", "User",
+               "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic", "WatchdogUSec")
+    assert p["WatchdogUSec"] == "3s"  # the test drop-in (the shipped unit says 30s)
+    assert (p["ActiveState"], p["SubState"], p["Type"], p["User"]) == ("active", "running", "notify", "sessionguard")
+    assert int(p["ActiveEnterTimestampMonotonic"]) > int(p["ExecMainStartTimestampMonotonic"])
+    # The daemon logged the end of its scan and its start, then sent READY=1; systemd
+    # marked the unit active only after that.  _SOURCE_REALTIME_TIMESTAMP is the
+    # kernel's send time of the log datagram, ActiveEnterTimestamp PID 1's time of
+    # processing READY=1: same clock, no race between journald and PID 1.
+    active_enter = unit_usec(c, UNIT, "ActiveEnterTimestamp")
+    for event in ("scan.completed", "daemon.started"):
+        entries = _wait(lambda: journal_json(c, f"SESSIONGUARD_EVENT={event}", f"_PID={p['MainPID']}"), 10, event)
+        e = entries[-1]
+        assert e["SYSLOG_IDENTIFIER"] == "sessionguard" and e["_SYSTEMD_UNIT"] == UNIT
+        sent = int(e["_SOURCE_REALTIME_TIMESTAMP"])
+        print(f"{event} sent {(active_enter - sent) / 1000:.1f} ms before the unit became active")
+        assert sent <= active_enter, f"{event} logged after the unit was already active"
+    scan = journal_json(c, "SESSIONGUARD_EVENT=scan.completed", f"_PID={p['MainPID']}")[-1]
+    assert scan["SESSIONGUARD_SESSIONS"] == str(total)
+
+
+def test_status_line_in_systemctl_status(box):
+    c = box
+    c.systemctl("start", UNIT, timeout=90)
+    total = N_SESSIONS + 1
+    status = c.show(UNIT, "StatusText")["StatusText"]
+    assert status.startswith(f"{total} sessions tracked, "), status
+    out = c.systemctl("status", "--no-pager", UNIT, check=False).stdout
+    print(out)
+    assert "Active: active (running)" in out
+    assert f'Status: "{total} sessions tracked, ' in out, out
+
+
+def test_wipe_is_journaled_with_structured_fields(box):
+    c = box
+    c.systemctl("start", UNIT, timeout=90)
+    main_pid = c.show(UNIT, "MainPID")["MainPID"]
+    c.run(["python3", "-c", SERVER_WRITE, f"{WATCH}/{SID}.json", "0"], user="sessionguard")
+    entries = _wait(lambda: journal_json(c, "SESSIONGUARD_EVENT=session.shrunk", f"SESSIONGUARD_SESSION={SID}"),
+                    20, "session.shrunk in the journal")
+    e = entries[-1]
+    print(json.dumps(e, indent=1, sort_keys=True))
+    assert e["SESSIONGUARD_SESSION"] == SID
+    assert e["SESSIONGUARD_COUNT_BEFORE"] == "25"
+    assert e["SESSIONGUARD_COUNT_AFTER"] == "0"
+    assert e["PRIORITY"] == "4"
+    assert e["MESSAGE_ID"] == "7b8f0c9e2a0b4d6c9a31f5e2d4c8b1a0"
+    assert e["SYSLOG_IDENTIFIER"] == "sessionguard"
+    assert e["_SYSTEMD_UNIT"] == UNIT and e["_PID"] == main_pid
+    assert e["_TRANSPORT"] == "journal"  # native protocol, not a stdout line
+    kept = _wait(lambda: journal_json(c, "MESSAGE_ID=2c4e6a8b0d1f4e3a9c7b5d3f1e0a2c4b"), 10, "version.kept")
+    assert kept[-1]["SESSIONGUARD_SESSION"] == SID
+    # and the version is really there, readable through the control socket
+    r = c.run([CTL, "--json", "history", SID])
+    versions = json.loads(r.stdout)
+    assert any(v["count"] == 25 for v in (versions if isinstance(versions, list) else versions["versions"])), r.stdout
+
+
+def test_watchdog_restarts_a_stopped_daemon(box):
+    c = box
+    c.systemctl("start", UNIT, timeout=90)
+    before = c.show(UNIT, "MainPID", "NRestarts")
+    c.run(["kill", "-STOP", before["MainPID"]])
+
+    def restarted() -> dict | None:
+        p = c.show(UNIT, "MainPID", "NRestarts", "ActiveState", "SubState")
+        ok = (int(p["NRestarts"]) == int(before["NRestarts"]) + 1 and p["MainPID"] not in ("0", before["MainPID"])
+              and (p["ActiveState"], p["SubState"]) == ("active", "running"))
+        return p if ok else None
+
+    p = _wait(restarted, 60, "the watchdog restart")
+    print(before, "->", p)
+    log = c.journal(UNIT)
+    assert "Watchdog timeout" in log, log
+
+
+def test_socket_activation_starts_the_service(box):
+    c = box
+    c.systemctl("start", "sessionguard.socket")
+    c.systemctl("stop", UNIT, timeout=60)
+    assert c.show(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    assert c.is_active("sessionguard.socket")
+    assert c.run(["test", "-S", "/run/sessionguard.sock"], check=False).returncode == 0
+    r = c.run([CTL, "--socket", "/run/sessionguard.sock", "--json", "status"], timeout=90)
+    status = json.loads(r.stdout)
+    p = c.show(UNIT, "ActiveState", "SubState", "MainPID")
+    assert (p["ActiveState"], p["SubState"]) == ("active", "running"), p
+    assert str(status["pid"]) == p["MainPID"]
+    assert status["sessions"] == N_SESSIONS + 1
+    triggered = c.run(["journalctl", "--no-pager", "-u", "sessionguard.socket", "-u", UNIT], check=False).stdout
+    print(triggered[-2000:])
+    # the fd came from systemd: the daemon served /run/sessionguard.sock without binding it
+    listening = journal_json(c, "SESSIONGUARD_EVENT=control.listening", f"_PID={p['MainPID']}")
+    assert listening and listening[-1]["SESSIONGUARD_PATH"] == "/run/sessionguard.sock", listening
+    r = c.run([CTL, "status"])  # the default socket path as root
+    assert "sessions" in r.stdout, r.stdout
