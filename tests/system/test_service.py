@@ -28,12 +28,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 import nspawn
+from daemonproc import eventually
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -45,17 +45,6 @@ CTL = "/opt/sessionguard/bin/sessionguardctl"
 UNIT = "sessionguard.service"
 N_SESSIONS = 3000
 SID = "abc123def456"
-
-
-def _wait(check, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
@@ -179,7 +168,7 @@ def test_active_only_after_ready_after_initial_scan(box):
         assert p["ActiveState"] != "failed", c.journal(UNIT)
         return p if p["ActiveState"] == "active" else None
 
-    _wait(active, 90, f"{UNIT} active", interval=0.05)
+    eventually(active, 90, f"{UNIT} active")
     pins_when_active = n_pins(c)
     print("states seen:", seen, "pins when active:", pins_when_active)
     # Type=notify: the unit waited for READY=1 while the initial scan ran ...
@@ -197,7 +186,7 @@ def test_active_only_after_ready_after_initial_scan(box):
     # processing READY=1: same clock, no race between journald and PID 1.
     active_enter = unit_usec(c, UNIT, "ActiveEnterTimestamp")
     for event in ("scan.completed", "daemon.started"):
-        entries = _wait(lambda: journal_json(c, f"SESSIONGUARD_EVENT={event}", f"_PID={p['MainPID']}"), 10, event)
+        entries = eventually(lambda: journal_json(c, f"SESSIONGUARD_EVENT={event}", f"_PID={p['MainPID']}"), 10, event)
         e = entries[-1]
         assert e["SYSLOG_IDENTIFIER"] == "sessionguard" and e["_SYSTEMD_UNIT"] == UNIT
         sent = int(e["_SOURCE_REALTIME_TIMESTAMP"])
@@ -224,7 +213,7 @@ def test_wipe_is_journaled_with_structured_fields(box):
     c.systemctl("start", UNIT, timeout=90)
     main_pid = c.show(UNIT, "MainPID")["MainPID"]
     c.run(["python3", "-c", SERVER_WRITE, f"{WATCH}/{SID}.json", "0"], user="sessionguard")
-    entries = _wait(lambda: journal_json(c, "SESSIONGUARD_EVENT=session.shrunk", f"SESSIONGUARD_SESSION={SID}"),
+    entries = eventually(lambda: journal_json(c, "SESSIONGUARD_EVENT=session.shrunk", f"SESSIONGUARD_SESSION={SID}"),
                     20, "session.shrunk in the journal")
     e = entries[-1]
     print(json.dumps(e, indent=1, sort_keys=True))
@@ -236,7 +225,7 @@ def test_wipe_is_journaled_with_structured_fields(box):
     assert e["SYSLOG_IDENTIFIER"] == "sessionguard"
     assert e["_SYSTEMD_UNIT"] == UNIT and e["_PID"] == main_pid
     assert e["_TRANSPORT"] == "journal"  # native protocol, not a stdout line
-    kept = _wait(lambda: journal_json(c, "MESSAGE_ID=2c4e6a8b0d1f4e3a9c7b5d3f1e0a2c4b"), 10, "version.kept")
+    kept = eventually(lambda: journal_json(c, "MESSAGE_ID=2c4e6a8b0d1f4e3a9c7b5d3f1e0a2c4b"), 10, "version.kept")
     assert kept[-1]["SESSIONGUARD_SESSION"] == SID
     # and the version is really there, readable through the control socket
     r = c.run([CTL, "--json", "history", SID])
@@ -256,7 +245,7 @@ def test_watchdog_restarts_a_stopped_daemon(box):
               and (p["ActiveState"], p["SubState"]) == ("active", "running"))
         return p if ok else None
 
-    p = _wait(restarted, 60, "the watchdog restart")
+    p = eventually(restarted, 60, "the watchdog restart")
     print(before, "->", p)
     log = c.journal(UNIT)
     assert "Watchdog timeout" in log, log
