@@ -17,7 +17,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -141,32 +140,6 @@ def tree_bytes(path: str) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
     return total
-
-
-def rpc(sock_path: str, method: str, params: dict[str, Any] | None = None, timeout: float = 120) -> Any:
-    """One JSON-RPC 2.0 call over the daemon's newline-delimited Unix socket."""
-    req: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
-    if params is not None:
-        req["params"] = params
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(sock_path)
-        s.sendall(orjson.dumps(req) + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            buf += chunk
-    resp = orjson.loads(buf)
-    if "error" in resp:
-        raise RuntimeError(f"{method}: {resp['error']}")
-    return resp["result"]
-
-
-def sync(d: DaemonProc, timeout: float = 120) -> None:
-    if not rpc(d.socket, "sync", {"timeout": timeout}, timeout + 10)["synced"]:
-        raise RuntimeError("daemon sync timed out")
 
 
 def start_daemon(work: Path, watch: str, extra: list[str] | None = None, timeout: float = 120) -> DaemonProc:
@@ -441,10 +414,10 @@ def bench_events(work: Path, n_sessions: int, writes: int, reps: int) -> dict[st
                 idle_sync = None
                 if proc:
                     t = pc()
-                    sync(proc)
+                    proc.sync(120)
                     idle_sync = pc() - t
                     cpu0 = proc_cpu_s(proc.proc.pid)
-                    st0 = rpc(proc.socket, "status")
+                    st0 = proc.call("status")
                 t0 = pc()
                 for k in range(writes):
                     j = k % n_sessions
@@ -453,10 +426,10 @@ def bench_events(work: Path, n_sessions: int, writes: int, reps: int) -> dict[st
                 row: dict[str, Any] = {"writes": writes, "seconds": round(t1 - t0, 4),
                                        "writes_per_s": round(writes / (t1 - t0), 1)}
                 if proc:
-                    sync(proc)
+                    proc.sync(120)
                     t2 = pc()
                     cpu1 = proc_cpu_s(proc.proc.pid)
-                    st1 = rpc(proc.socket, "status")
+                    st1 = proc.call("status")
                     ev = st1["events"] - st0["events"]
                     evals = st1["evaluations"] - st0["evaluations"]
                     row.update({
@@ -512,12 +485,12 @@ def bench_shrink_latency(work: Path, wipes: int) -> dict[str, Any]:
     lat, save, sync_done, regrow_save = [], [], [], []
     timeouts = 0
     try:
-        sync(proc)
+        proc.sync(120)
         for i in range(wipes):
             t = pc()
             server_write(path, docs(1001 + i))  # regrow: distinct bytes each time
             regrow_save.append(pc() - t)
-            sync(proc)
+            proc.sync(120)
             before = {n for n in os.listdir(sdir) if n.endswith(".version")}
             wipe = dict(docs.meta, messages=[], updated_at=1764000000.0 + 10_000_000 + i)
             ts = pc()
@@ -532,12 +505,12 @@ def bench_shrink_latency(work: Path, wipes: int) -> dict[str, Any]:
                     break
                 time.sleep(0.001)
             t1 = pc()
-            sync(proc)
+            proc.sync(120)
             t2 = pc()
             lat.append(t1 - t0)
             save.append(t0 - ts)
             sync_done.append(t2 - t0)
-        kept = rpc(proc.socket, "status")["versions_kept"]
+        kept = proc.call("status")["versions_kept"]
     finally:
         proc.stop()
         shutil.rmtree(d)
@@ -587,7 +560,7 @@ def one_start(work: Path, d: Path, timeout: float) -> dict[str, Any]:
         scan = proc.wait_event("scan.completed")
         time.sleep(1.0)  # settle before reading memory
         mem = proc_mem_kb(proc.proc.pid)
-        status = rpc(proc.socket, "status")
+        status = proc.call("status")
     finally:
         proc.stop()
     return {
@@ -698,11 +671,11 @@ def bench_write_amp(work: Path, megabytes: float) -> dict[str, Any]:
                 pid, store_dir, do_sync = w.proc.pid, backup, w.sync
             else:
                 w = start_daemon(work, str(d), ["--pin", mode.split("_")[1]])
-                pid, store_dir, do_sync = w.proc.pid, d / ".sessionguard", (lambda w=w: sync(w))
+                pid, store_dir, do_sync = w.proc.pid, d / ".sessionguard", (lambda w=w: w.sync(120))
             try:
                 do_sync()
                 io0, me0 = proc_io(pid), proc_io("self")
-                ev0 = rpc(w.socket, "status")["evaluations"] if mode != "naive" else None
+                ev0 = w.call("status")["evaluations"] if mode != "naive" else None
                 store0 = tree_bytes(str(store_dir))
                 logical = 0
                 t0 = pc()
@@ -715,7 +688,7 @@ def bench_write_amp(work: Path, megabytes: float) -> dict[str, Any]:
                 secs = pc() - t0
                 io1, me1 = proc_io(pid), proc_io("self")
                 store1 = tree_bytes(str(store_dir))
-                evals = rpc(w.socket, "status")["evaluations"] - ev0 if mode != "naive" else None
+                evals = w.call("status")["evaluations"] - ev0 if mode != "naive" else None
                 copies = None if mode != "naive" else len(os.listdir(backup))
             finally:
                 w.stop()

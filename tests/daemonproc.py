@@ -86,9 +86,10 @@ class DaemonProc:
             raise RuntimeError(f"{method}: {reply['error']}")
         return reply["result"]
 
-    def sync(self) -> None:
+    def sync(self, timeout: float = WAIT) -> None:
         """Wait until every change made before this call has been processed."""
-        assert self.call("sync", {"timeout": WAIT})["synced"], "sync timed out"
+        if not self.call("sync", {"timeout": timeout}, timeout + 10)["synced"]:
+            raise AssertionError(f"sync timed out after {timeout} s")
 
     def text(self) -> str:
         return self.logfile.read_text(errors="replace")
