@@ -384,12 +384,11 @@ class Store:
         """
         sdir = self.session_dir(sid, create=True)
         old = self.pin(sid, tidy=True)
-        seq = max(time.time_ns(), (old.seq + 1) if old else 0)
-        count_s = "x" if count is None else str(count)
+        seq = _next_seq(old)
         key = stat_key(st)
 
         def name(method: str) -> str:
-            return os.path.join(sdir, f"pin.{seq}.{method}.{count_s}.{key[0]}.{key[1]}.{key[2]}.{key[3]}")
+            return _pin_path(sdir, seq, method, count, key)
 
         method: str
         if policy == "link":
@@ -402,11 +401,7 @@ class Store:
                 policy = "auto"
         if policy != "link":
             method, _ = fsutil.atomic_clone(fd, name, allow_reflink=policy == "auto", sync_dir=False)
-        if old is not None:
-            fsutil.unlink_quietly(old.path)
-        if durable:
-            fsutil.fsync_dir(sdir)
-        return Pin(name(method), seq, method, count, key)
+        return self._replace_pin(old, Pin(name(method), seq, method, count, key), durable=durable)
 
     def set_pin_to_path(self, sid: str, src: str, live_st: os.stat_result, count: int | None,
                         method: str) -> Pin:
@@ -414,14 +409,20 @@ class Store:
         file whose stat is *live_st*: a hard link inside the store, no copy."""
         sdir = self.session_dir(sid, create=True)
         old = self.pin(sid, tidy=True)
-        seq = max(time.time_ns(), (old.seq + 1) if old else 0)
-        k = stat_key(live_st)
-        path = os.path.join(sdir, f"pin.{seq}.{method}.{'x' if count is None else count}.{k[0]}.{k[1]}.{k[2]}.{k[3]}")
-        os.link(src, path)
+        seq = _next_seq(old)
+        key = stat_key(live_st)
+        new = Pin(_pin_path(sdir, seq, method, count, key), seq, method, count, key)
+        os.link(src, new.path)
+        return self._replace_pin(old, new, durable=True)
+
+    @staticmethod
+    def _replace_pin(old: Pin | None, new: Pin, *, durable: bool) -> Pin:
+        """The new pin exists: remove the old name (one directory fsync covers both)."""
         if old is not None:
             fsutil.unlink_quietly(old.path)
-        fsutil.fsync_dir(sdir)
-        return Pin(path, seq, method, count, k)
+        if durable:
+            fsutil.fsync_dir(os.path.dirname(new.path))
+        return new
 
     def drop_pin(self, sid: str) -> None:
         """Forget the pin (the session was deleted and its pin kept as a version)."""
@@ -726,6 +727,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _next_seq(old: Pin | None) -> int:
+    """A pin sequence number above the old one (the newest pin is the truth after a crash)."""
+    return max(time.time_ns(), old.seq + 1 if old else 0)
+
+
+def _pin_path(sdir: str, seq: int, method: str, count: int | None, key: StatKey) -> str:
+    """The pin's file name: everything needed to compare without reading (see _PIN_RE)."""
+    count_s = "x" if count is None else str(count)
+    return os.path.join(sdir, f"pin.{seq}.{method}.{count_s}.{key[0]}.{key[1]}.{key[2]}.{key[3]}")
 
 
 def _pin_from_match(path: str, m: re.Match[str]) -> Pin:
