@@ -57,22 +57,37 @@ class Daemon:
         self._wake = threading.Event()
         self._stopping = False
         self._reload = False
-        self._rescan = threading.Event()
-        self._maint_stop = threading.Event()
         self._usage_cache: tuple[float, int, int] = (0.0, 0, 0)
         self.control: Any = None
-        self.tracker = Tracker(list(cfg.watches), log)
-        self.watcher = Watcher(self.tracker, log, self._on_overflow)
-        self._maint = threading.Thread(target=self._maintain, name="sessionguard-maint", daemon=True)
+        self._build_watching()
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self) -> None:
-        """Watch, scan every watched file (pins in place), then serve. READY comes after this."""
+    def _build_watching(self) -> None:
+        """Tracker, watcher and maintenance thread for the current config (again on reload)."""
+        self.tracker = Tracker(list(self.cfg.watches), self.log)
+        self.watcher = Watcher(self.tracker, self.log, self._on_overflow)
+        self._rescan = threading.Event()
+        self._maint_stop = threading.Event()
+        self._maint = threading.Thread(target=self._maintain, name="sessionguard-maint", daemon=True)
+
+    def _start_watching(self) -> None:
+        """Watch and scan every directory (pins in place), then start maintenance."""
         self.watcher.start()
         for ws in self.tracker.watches:
             self._bring_up(ws, initial=True)
         self._maint.start()
+
+    def _stop_watching(self) -> None:
+        """Stop maintenance, then the watcher (which finishes the file in hand)."""
+        self._maint_stop.set()
+        self._rescan.set()
+        self._maint.join(timeout=30)
+        self.watcher.stop()
+
+    def start(self) -> None:
+        """Watch, scan every watched file (pins in place), then serve. READY comes after this."""
+        self._start_watching()
         self._start_control()
         self.log.info(
             "daemon.started",
@@ -174,10 +189,7 @@ class Daemon:
         self.log.info("daemon.stopping", in_hand=self.watcher.in_hand, queued=len(self.watcher.queue))
         if self.control is not None:
             self.control.stop()
-        self._maint_stop.set()
-        self._rescan.set()
-        self._maint.join(timeout=30)
-        self.watcher.stop()
+        self._stop_watching()
         self.log.info("daemon.stopped")
 
     def reload(self) -> None:
@@ -192,20 +204,10 @@ class Daemon:
             systemd.notify("READY=1", f"STATUS={self.status_line()}")
             return
         new = replace(new, socket=self.cfg.socket, log_format=self.cfg.log_format)
-        self._maint_stop.set()
-        self._rescan.set()
-        self._maint.join(timeout=30)
-        self.watcher.stop()
+        self._stop_watching()
         self.cfg = new
-        self.tracker = Tracker(list(new.watches), self.log)
-        self.watcher = Watcher(self.tracker, self.log, self._on_overflow)
-        self._maint_stop = threading.Event()
-        self._rescan = threading.Event()
-        self._maint = threading.Thread(target=self._maintain, name="sessionguard-maint", daemon=True)
-        self.watcher.start()
-        for ws in self.tracker.watches:
-            self._bring_up(ws, initial=True)
-        self._maint.start()
+        self._build_watching()
+        self._start_watching()
         self.log.info("config.reloaded", watches=[self._describe(ws) for ws in self.tracker.watches])
         systemd.notify("READY=1", f"STATUS={self.status_line()}")
 
