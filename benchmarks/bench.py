@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,6 @@ import orjson  # noqa: E402
 
 import sessionguard  # noqa: E402
 from sessionguard import fsutil  # noqa: E402
-from sessionguard.count import count_doc, stat_key  # noqa: E402
-from sessionguard.store import is_loss  # noqa: E402
 
 from daemonproc import DaemonProc  # noqa: E402  (tests/: runs the real sessionguardd)
 from sghelpers import make_session, server_write  # noqa: E402
@@ -275,123 +272,57 @@ def bench_guard_save(work: Path, iters: int, breakdown_iters: int) -> dict[str, 
 
 
 def guard_breakdown(work: Path, docs: Docs, iters: int) -> dict[str, Any]:
-    """Where the time of a growth save goes.
+    """What each filesystem operation the guard adds to a save costs here.
 
-    Guard.save's growth path is replayed step by step with the same calls it
-    makes (guard.py save/_keep_prior/_pin_written, store.py lock/pin/set_pin,
-    fsutil.py atomic_write/link_fd), timing each step; the plain save is
-    split the same way, interleaved with it. If guard.py changes, this replay
-    must follow (the sum is checked against a real Guard.save run after it).
+    The operations are timed on their own, interleaved, on a session of the
+    benchmark's size — not by replaying guard.py's code path, which would
+    have to be kept in step with it. BENCHMARKS.md lists which of them a
+    growth save performs (``strace -f`` of one ``Guard.save`` shows them).
     """
-    gdir = fresh(work, "breakdown-guard")
-    pdir = fresh(work, "breakdown-plain")
-    g = sessionguard.Guard(gdir)
-    store = g.store
-    path = g.path(SID)
-    ppath = str(pdir / f"{SID}.json")
-    g.save(SID, docs(1000))
-    server_write(ppath, docs(1000))
-    gsteps = ["serialize", "lock", "stat+pin_lookup", "write+fsync", "rename", "dir_fsync",
-              "pin:open+lookup", "pin:fsync_again", "pin:link+unlink", "pin:store_dir_fsync", "unlock"]
-    psteps = ["serialize", "write+fsync", "rename"]
-    gt: dict[str, list[float]] = {s: [] for s in gsteps}
-    pt: dict[str, list[float]] = {s: [] for s in psteps}
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    n = 1001
-    for r in range(iters):
-        for which in (("guard", "plain") if r % 2 == 0 else ("plain", "guard")):
-            doc = docs(n)
-            if which == "plain":
-                t0 = pc()
-                data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
-                t1 = pc()
-                tmp = f"{ppath[:-5]}.tmp.{os.getpid()}.1"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                t2 = pc()
-                os.replace(tmp, ppath)
-                t3 = pc()
-                for s, a, b in zip(psteps, (t0, t1, t2), (t1, t2, t3)):
-                    pt[s].append(b - a)
-                continue
-            t = [pc()]
-            count = count_doc(doc, g.spec)
-            data = g._serialize(doc)
-            t.append(pc())
-            with ExitStack() as stack:
-                stack.enter_context(store.lock(SID))
-                t.append(pc())
-                live = g._lstat(path)
-                pin = store.pin(SID, tidy=True)
-                assert live is not None and pin is not None and pin.key == stat_key(live)
-                assert not is_loss(pin.count, count)
-                t.append(pc())
-                tmp = fsutil.tmp_path(path)
-                fd = os.open(tmp, flags, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                fsutil._match_owner(fd, live, 0o640)
-                os.fsync(fd)
-                st = os.fstat(fd)
-                os.close(fd)
-                t.append(pc())
-                os.rename(tmp, path)
-                t.append(pc())
-                fsutil.fsync_dir(os.path.dirname(path))
-                t.append(pc())
-                fd, now = fsutil.open_regular(path)
-                assert now.st_ino == st.st_ino
-                sdir = store.session_dir(SID, create=True)
-                old = store.pin(SID, tidy=True)
-                t.append(pc())
-                os.fsync(fd)
-                t.append(pc())
-                seq = max(time.time_ns(), (old.seq + 1) if old else 0)
-                k = stat_key(now)
-                name = os.path.join(sdir, f"pin.{seq}.link.{count}.{k[0]}.{k[1]}.{k[2]}.{k[3]}")
-                os.link(path, name, follow_symlinks=False)
-                want, got = os.fstat(fd), os.lstat(name)
-                assert (got.st_dev, got.st_ino) == (want.st_dev, want.st_ino)
-                if old is not None:
-                    fsutil.unlink_quietly(old.path)
-                os.close(fd)
-                t.append(pc())
-                fsutil.fsync_dir(sdir)
-                t.append(pc())
-            t.append(pc())
-            for i, s in enumerate(gsteps):
-                gt[s].append(t[i + 1] - t[i])
-        n += 1
-    # The replay must have left a store Guard.save accepts as its own: check,
-    # and time real saves right after as the reference for the sum.
-    real: list[float] = []
-    real_plain: list[float] = []
-    for _ in range(max(iters // 2, 10)):
-        doc = docs(n)
+    d = fresh(work, "breakdown")
+    store = sessionguard.Guard(d).store
+    path = str(d / f"{SID}.json")
+    data = orjson.dumps(docs(1000), option=orjson.OPT_INDENT_2)
+    server_write(path, docs(1000))
+    store.session_dir(SID, create=True)
+    pin_name = os.path.join(store.session_dir(SID), "pin.bench")
+    steps: dict[str, list[float]] = {s: [] for s in (
+        "lock+unlock", "pin_lookup", "tmp+write+fsync+rename", "dir_fsync_after_rename",
+        "reopen+fstat+close", "pin_link+lstat+unlink_old")}
+
+    def timed(step: str, fn: Any) -> None:
         t0 = pc()
-        kept = g.save(SID, doc)
-        real.append(pc() - t0)
-        assert kept is None
-        t0 = pc()
-        server_write(ppath, doc)
-        real_plain.append(pc() - t0)
-        n += 1
-    pin = store.pin(SID)
-    assert pin is not None and pin.key == stat_key(os.lstat(path)) and not g.versions(SID)
-    gmed = {s: round(statistics.median(v) * 1e3, 4) for s, v in gt.items()}
-    pmed = {s: round(statistics.median(v) * 1e3, 4) for s, v in pt.items()}
+        fn()
+        steps[step].append(pc() - t0)
+
+    def lock() -> None:
+        with store.lock(SID):
+            pass
+
+    def reopen() -> None:
+        fd, _ = fsutil.open_regular(path)
+        os.close(fd)
+
+    names = [pin_name + ".a", pin_name + ".b"]
+    os.link(path, names[0])
+
+    def relink() -> None:  # the new pin name, its inode check, the old name removed
+        os.link(path, names[1], follow_symlinks=False)
+        os.lstat(names[1])
+        os.unlink(names[0])
+        names.reverse()
+
+    for _ in range(iters):
+        timed("lock+unlock", lock)
+        timed("pin_lookup", lambda: store.pin(SID, tidy=True))
+        timed("tmp+write+fsync+rename", lambda: fsutil.atomic_write(path, data, sync_dir=False))
+        timed("dir_fsync_after_rename", lambda: fsutil.fsync_dir(str(d)))
+        timed("reopen+fstat+close", reopen)
+        timed("pin_link+lstat+unlink_old", relink)
     return {
         "iterations": iters,
-        "guard_steps_median_ms": gmed,
-        "guard_steps_sum_of_medians_ms": round(sum(gmed.values()), 4),
-        "plain_steps_median_ms": pmed,
-        "plain_steps_sum_of_medians_ms": round(sum(pmed.values()), 4),
-        "real_guard_save_median_ms_after_replay": round(statistics.median(real) * 1e3, 4),
-        "real_plain_save_median_ms_after_replay": round(statistics.median(real_plain) * 1e3, 4),
-        "note": "guard steps replayed from guard.py/store.py/fsutil.py; real saves timed after as a check",
+        "steps_median_ms": {s: round(statistics.median(v) * 1e3, 4) for s, v in steps.items()},
+        "note": "each operation timed on its own, interleaved; see BENCHMARKS.md for which a save performs",
     }
 
 

@@ -23,7 +23,7 @@ def keep_bytes(store: Store, sid: str, data: bytes, reason: str = "shrink", sour
     fd, st = fsutil.open_regular(src)
     try:
         with store.lock(sid):
-            store.set_pin(sid, fd, str(src), st, parse(data, SPEC).count, policy="copy")
+            store.set_pin(sid, store.pin(sid, tidy=True), fd, str(src), st, parse(data, SPEC).count, policy="copy")
             return store.keep_pin(sid, reason, source)
     finally:
         os.close(fd)

@@ -128,6 +128,8 @@ def _match_owner(fd: int, like: os.stat_result | None, mode: int) -> None:
         os.fchmod(fd, mode)
         return
     os.fchmod(fd, stat.S_IMODE(like.st_mode))
+    if (like.st_uid, like.st_gid) == (os.geteuid(), os.getegid()):
+        return  # already ours: the usual case of a server saving its own file
     try:
         os.fchown(fd, like.st_uid, like.st_gid)
     except PermissionError:

@@ -24,6 +24,7 @@ from . import fsutil
 from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, count_doc, parse, stat_key
 from .store import (
     STORE_DIRNAME,
+    Pin,
     RestoreResult,
     Retention,
     is_loss,
@@ -181,9 +182,10 @@ class Guard:
         data = self._serialize(doc)
         with self.store.lock(sid):
             live = self._lstat(path)
-            kept = self._keep_prior(sid, path, live, new_count, allow_shrink, reason)
+            pin = self.store.pin(sid, tidy=True)
+            kept = self._keep_prior(sid, path, live, pin, new_count, allow_shrink, reason)
             st = fsutil.atomic_write(path, data, like=live)
-            self._pin_written(sid, path, st, new_count)
+            self._pin_written(sid, None if live is None else pin, path, st, new_count)
             if kept is not None:
                 self.store.apply_retention(sid)
         return kept
@@ -193,7 +195,7 @@ class Guard:
             return b"".join(orjson.dumps(m) + b"\n" for m in doc)
         return orjson.dumps(doc, option=self._dump_opts)
 
-    def _keep_prior(self, sid: str, path: str, live: os.stat_result | None, new_count: int,
+    def _keep_prior(self, sid: str, path: str, live: os.stat_result | None, pin: Pin | None, new_count: int,
                     allow_shrink: bool, reason: str | None) -> Version | None:
         """Before replacing *path*: if the write loses messages, keep what it replaces.
 
@@ -201,12 +203,13 @@ class Guard:
         file's identity ``(dev, ino, size, mtime_ns)`` matches it — no read,
         no parse on the hot path. Otherwise the file changed behind the
         guard's back: it is read once, and if that foreign write itself lost
-        messages relative to the pin, the pin is kept first.
+        messages relative to the pin, the pin is kept first. Keeping a version
+        leaves the pin in place; a deleted file's pin is dropped.
         """
-        pin = self.store.pin(sid, tidy=True)
         if live is None:
-            if pin is not None and pin.count:
-                self._keep_pin(sid, "deleted", None, pin.count)
+            if pin is not None:
+                if pin.count:
+                    self._keep_pin(sid, "deleted", None, pin.count)
                 self.store.drop_pin(sid)
             return None
         if pin is not None and pin.key == stat_key(live):
@@ -235,7 +238,7 @@ class Guard:
         _log_shrink(sid, why, reason, before, after, version)
         return version
 
-    def _pin_written(self, sid: str, path: str, st: os.stat_result, count: int) -> None:
+    def _pin_written(self, sid: str, old: Pin | None, path: str, st: os.stat_result, count: int) -> None:
         """Pin the file just written: a hard link, no bytes copied.
 
         The file was fsynced by the save and any version this save needed
@@ -251,7 +254,7 @@ class Guard:
             return
         try:
             if now.st_ino == st.st_ino and now.st_dev == st.st_dev:
-                self.store.set_pin(sid, fd, path, now, count, policy="link", durable=False, synced=True)
+                self.store.set_pin(sid, old, fd, path, now, count, policy="link", durable=False, synced=True)
         finally:
             os.close(fd)
 
@@ -334,7 +337,7 @@ class Guard:
                 self._keep_pin(sid, loss_reason(live.count), None, pin.count, live.count)
             if live.ok and live.count:
                 if foreign:
-                    self.store.set_pin(sid, fd, path, st, live.count, policy="link")
+                    self.store.set_pin(sid, pin, fd, path, st, live.count, policy="link")
                 report.left_alone.append(LeftAlone(sid, f"has {live.count} messages"))
                 return
         finally:

@@ -367,9 +367,13 @@ class Store:
                 fsutil.unlink_quietly(stale.path)
         return pins[-1]
 
-    def set_pin(self, sid: str, fd: int, src_path: str, st: os.stat_result, count: int | None, *,
+    def set_pin(self, sid: str, old: Pin | None, fd: int, src_path: str, st: os.stat_result, count: int | None, *,
                 policy: PinPolicy = "auto", durable: bool = True, synced: bool = False) -> Pin:
         """Make the open live file *fd* (at *src_path*, with stat *st*) the session's pin.
+
+        *old* is the current pin as the caller read it (``pin(sid, tidy=True)``)
+        under the lock it still holds, which also made the session's folder:
+        passing it saves a second directory scan on every save.
 
         ``link`` shares the inode (zero-copy; only safe for rename-only
         writers and for the library, which replaces by rename itself);
@@ -382,8 +386,7 @@ class Store:
         holding the previous version, which the next comparison treats as
         the prior state. ``synced=True`` says *fd* was just fsynced.
         """
-        sdir = self.session_dir(sid, create=True)
-        old = self.pin(sid, tidy=True)
+        sdir = self.session_dir(sid)
         seq = _next_seq(old)
         key = stat_key(st)
 

@@ -260,7 +260,7 @@ class Tracker:
             if pin is not None and is_loss(pin.count, new.count):
                 self._keep(ws, sid, pin, new, new.doc)
             outcome = "new" if pin is None else _growth(pin.count, new.count)
-            store.set_pin(sid, fd, path, st, new.count, policy=ws.pin_policy)
+            store.set_pin(sid, pin, fd, path, st, new.count, policy=ws.pin_policy)
             self._degrade(f"store:{store.root}", None)
             self._remember(ws, sid, new.count, stat_key(st))
             return outcome
