@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -142,3 +144,34 @@ def test_crashed_pin_update_leaves_exactly_one_pin(tmp_path: Path) -> None:
     with s.lock("a"):
         assert s.pin("a", tidy=True).seq == old.seq + 1
     assert len([n for n in os.listdir(s.session_dir("a")) if n.startswith("pin.")]) == 1
+
+
+def test_session_locks_exclude_threads_and_are_forgotten_when_free(tmp_path: Path) -> None:
+    """Many threads on one session never overlap, nested use works, and a lock
+    nobody holds or waits for is dropped (a daemon locks every session it sees)."""
+    s = Store(tmp_path / "store")
+    inside = 0
+    overlaps = 0
+    guard = threading.Lock()
+
+    def work() -> None:
+        nonlocal inside, overlaps
+        for _ in range(200):
+            with s.lock("a"), s.lock("a"):  # nested, as restore does
+                with guard:
+                    inside += 1
+                    overlaps += inside > 1
+                time.sleep(0)
+                with guard:
+                    inside -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == 0
+    for i in range(100):
+        with s.lock(f"s{i}"):
+            pass
+    assert s._locks == {}, "free locks are forgotten"

@@ -247,12 +247,15 @@ class _SessionLock:
     ``flock`` locks belong to an open file description, so the same process
     taking it twice through two descriptors would deadlock; the depth count
     makes nested use (a restore that keeps a pre-restore version) safe.
+    ``users`` counts the threads holding or waiting for it, so the store can
+    forget it when nobody does (a daemon sees every session ever written).
     """
 
     def __init__(self) -> None:
         self.rlock = threading.RLock()
         self.depth = 0
         self.fd = -1
+        self.users = 0
 
 
 class Store:
@@ -308,21 +311,28 @@ class Store:
         """
         with self._locks_guard:
             lk = self._locks.setdefault(sid, _SessionLock())
-        if not lk.rlock.acquire(timeout=-1 if timeout is None else timeout):
-            raise StoreError(f"timed out waiting for the lock of session {sid!r}")
+            lk.users += 1
         try:
-            if lk.depth == 0:
-                lk.fd = self._flock(sid, timeout)
-            lk.depth += 1
+            if not lk.rlock.acquire(timeout=-1 if timeout is None else timeout):
+                raise StoreError(f"timed out waiting for the lock of session {sid!r}")
             try:
-                yield
-            finally:
-                lk.depth -= 1
                 if lk.depth == 0:
-                    os.close(lk.fd)  # closing the description releases the flock
-                    lk.fd = -1
+                    lk.fd = self._flock(sid, timeout)
+                lk.depth += 1
+                try:
+                    yield
+                finally:
+                    lk.depth -= 1
+                    if lk.depth == 0:
+                        os.close(lk.fd)  # closing the description releases the flock
+                        lk.fd = -1
+            finally:
+                lk.rlock.release()
         finally:
-            lk.rlock.release()
+            with self._locks_guard:
+                lk.users -= 1
+                if lk.users == 0:
+                    del self._locks[sid]
 
     def _flock(self, sid: str, timeout: float | None) -> int:
         path = os.path.join(self.session_dir(sid, create=True), _LOCK)
