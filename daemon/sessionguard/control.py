@@ -35,10 +35,11 @@ Errors are JSON-RPC errors. Besides the standard codes (-32700 parse error,
 -32600 invalid request, -32601 method not found, -32602 invalid params,
 -32603 internal error) the server uses:
 
-* -32001 permission denied (``data``: the peer's ``uid`` and ``pid``);
+* -32001 permission denied (``data``: the peer's ``uid`` and ``pid``),
+  decided before the params are looked at;
 * -32002 server busy (too many connections; the connection is then closed);
 * -32003 the store could not carry the operation out (e.g. a session locked
-  by another process);
+  by another process, a full disk, a symlink where the live file was);
 * -32004 not found (no such session, version or watch; or ambiguous);
 * -32005 the version's content cannot be parsed (``diff``).
 
@@ -212,9 +213,18 @@ def _sid(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise RpcError(INVALID_PARAMS, f"invalid params: {name} must be a string")
     try:
-        return validate_sid(value)
+        sid = validate_sid(value)
     except ValueError as exc:
         raise RpcError(INVALID_PARAMS, f"invalid params: {name}: {exc}") from None
+    # A recursive watch names a file in a sub-directory "sub%2Fname" (see
+    # WatchState.sid_for/path_for), so "%2F" is a path separator once decoded:
+    # "x%2F..%2F..%2Fetc" or "%2Fetc%2Fpasswd" would name a file outside the
+    # watch. No real file's id decodes to an empty, "." or ".." component.
+    parts = sid.replace("%2F", "/").replace("%25", "%").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise RpcError(INVALID_PARAMS, f"invalid params: {name}: session id {sid!r} is no session's id "
+                                       "(an encoded sub-directory path with an empty, '.' or '..' part)")
+    return sid
 
 
 def _opt_version(name: str, value: Any) -> str | None:
@@ -674,8 +684,10 @@ class ControlServer:
         spec = _METHODS.get(method)
         if spec is None:
             raise RpcError(METHOD_NOT_FOUND, f"method not found: {method[:100]!r} (known: {', '.join(_METHODS)})")
-        params = _validate_params(method, spec, raw_params)
+        # Authorise first: a peer without the right group gets -32001 (and a
+        # control.denied line) whatever it sends, not a lesson in our params.
         self._authorize(method, spec, peer)
+        params = _validate_params(method, spec, raw_params)
         loop = asyncio.get_running_loop()
         pool = self._sync_pool if method == "sync" else self._pool
         handler = getattr(self, spec.handler)
@@ -690,6 +702,12 @@ class ControlServer:
             raise RpcError(NOT_FOUND, str(exc) or "not found") from None
         except StoreError as exc:
             raise RpcError(STORE_ERROR, str(exc)) from None
+        except OSError as exc:
+            # The file system said no (a symlink or FIFO where the live file was, a
+            # full or read-only disk, a permission): the caller needs the reason;
+            # it is not a bug in the daemon.
+            raise RpcError(STORE_ERROR, f"{method} failed: {exc.strerror or exc}"
+                           + (f": {exc.filename}" if exc.filename else "")) from None
         except Exception as exc:  # noqa: BLE001 - reported, never raised into the loop
             self.log.error("control.error", method=method, error=repr(exc), uid=peer.uid, pid=peer.pid)
             raise RpcError(INTERNAL_ERROR, "internal error (see the daemon's log)") from None
