@@ -3,6 +3,11 @@
 Every event has a stable dotted name (``session.shrunk``) and flat fields;
 the README's catalogue lists them. Tracebacks are rendered as dicts *without*
 local variables, which would leak message contents into logs.
+
+Logging never raises on a string: a file name that is not valid UTF-8 reaches
+us as a str with lone surrogates (``os.fsdecode``), which neither orjson nor
+journald can encode. Such strings are rewritten as readable escapes
+(``\\xff``) — only on that rare failure path, never on every event.
 """
 
 from __future__ import annotations
@@ -64,13 +69,13 @@ def configure(fmt: str, level: str, *, journal_renderer: Processor | None = None
             raise ValueError("journal logging needs the systemd renderer")
         processors = shared + [
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
-            journal_renderer,
+            _retry_printable(journal_renderer),
         ]
         factory = structlog.PrintLoggerFactory(file=sys.stderr)
     else:
         processors = shared + [
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ]
         factory = structlog.BytesLoggerFactory(file=sys.stdout.buffer)
     structlog.configure(
@@ -81,6 +86,44 @@ def configure(fmt: str, level: str, *, journal_renderer: Processor | None = None
     )
     _forward_stdlib_logging(_LEVELS[level])
     return structlog.get_logger("sessionguard")
+
+
+def printable(value: Any) -> Any:
+    """*value* with every str (also in nested dicts and lists) made encodable as UTF-8.
+
+    A lone surrogate from ``os.fsdecode`` becomes the escape of the byte it
+    stands for (``\\xff``); any other lone surrogate its code point (``\\ud800``).
+    """
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {printable(k) if isinstance(k, str) else k: printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable(v) for v in value]
+    return value
+
+
+def _dumps(obj: Any, **kw: Any) -> bytes:
+    """orjson; on a str it refuses (a lone surrogate), again with :func:`printable` strings."""
+    try:
+        return orjson.dumps(obj, **kw)
+    except TypeError:
+        return orjson.dumps(printable(obj), **kw)
+
+
+def _retry_printable(renderer: Processor) -> Processor:
+    """Call *renderer* (which consumes its event) again with printable strings if it cannot encode one."""
+
+    def render(logger: Any, method: str, event: dict[str, Any]) -> Any:
+        try:
+            return renderer(logger, method, dict(event))
+        except UnicodeError:
+            return renderer(logger, method, printable(event))
+
+    return render
 
 
 class _ToStructlog(logging.Handler):

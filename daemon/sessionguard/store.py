@@ -106,8 +106,10 @@ def validate_sid(sid: str) -> str:
     """Return *sid* if it is safe as a single path component, else raise ``ValueError``.
 
     Rejected: empty, ``.``/``..``, a leading dot, ``/`` or NUL anywhere, more
-    than 255 bytes. This is what keeps ids from an untrusted caller (a socket
-    client, a URL) from escaping the session directory or the store.
+    than 255 bytes, and a str with lone surrogates (a file name that is not
+    valid UTF-8, as ``os.fsdecode`` returns it): ids travel in JSON and logs,
+    which cannot carry it. This is what keeps ids from an untrusted caller (a
+    socket client, a URL) from escaping the session directory or the store.
     """
     if not isinstance(sid, str) or not sid:
         raise ValueError("session id must be a non-empty string")
@@ -115,7 +117,11 @@ def validate_sid(sid: str) -> str:
         raise ValueError(f"session id {sid!r} contains '/' or NUL")
     if sid.startswith("."):
         raise ValueError(f"session id {sid!r} starts with a dot")
-    if len(os.fsencode(sid)) > 255:
+    try:
+        size = len(sid.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("session id must be valid UTF-8") from None
+    if size > 255:
         raise ValueError("session id is longer than 255 bytes")
     return sid
 

@@ -40,6 +40,14 @@ SETTLE_SECONDS = 1.0
 #: How long a capture waits for a session lock held by another process.
 LOCK_TIMEOUT = 10.0
 
+#: What a skipped file was when it was skipped: its identity plus link count
+#: and owner, so a change of either (a hard link removed, a chown) is looked at again.
+SkipKey = tuple[int, ...]
+
+
+def skip_key(st: os.stat_result) -> SkipKey:
+    return (*stat_key(st), st.st_nlink, st.st_uid)
+
 
 @dataclass(slots=True)
 class Tracked:
@@ -80,7 +88,7 @@ class WatchState:
         self.spec = CountSpec.parse(cfg.count)
         self.store: Store | None = None
         self.files: dict[str, Tracked] = {}
-        self.skipped: dict[str, StatKey] = {}
+        self.skipped: dict[str, SkipKey] = {}
         self.available = False
         pattern = cfg.pattern
         literal_suffix = pattern[1:] if pattern.startswith("*") and not any(c in pattern[1:] for c in "*?[") else ""
@@ -97,32 +105,42 @@ class WatchState:
             self.store = Store(self.cfg.store_path, retention=self.cfg.retention, max_bytes=self.cfg.max_file_bytes)
         return self.store
 
-    def sid_for(self, path: str) -> str | None:
-        """The session id for *path*, or None if the path is not a session of this watch."""
+    def identify(self, path: str) -> tuple[str | None, str | None]:
+        """``(sid, None)`` for a session file of this watch; ``(None, why)`` for a
+        name that matches the pattern but cannot be a session id (not valid
+        UTF-8, too long); ``(None, None)`` for anything else."""
         if path.startswith(self._store_prefix) or not path.startswith(self.root + os.sep):
-            return None
+            return None, None
         rel = path[len(self.root) + 1:]
         parts = rel.split(os.sep)
         if len(parts) > 1 and not self.cfg.recursive:
-            return None
+            return None, None
         if any(fnmatch.fnmatchcase(p, ex) for p in parts for ex in self.cfg.exclude):
-            return None
+            return None, None
         if not fnmatch.fnmatchcase(parts[-1], self.cfg.pattern):
-            return None
+            return None, None
         if self.suffix:
             rel = rel[: -len(self.suffix)]
+        try:
+            rel.encode("utf-8")  # os.fsdecode turned undecodable bytes into lone surrogates
+        except UnicodeEncodeError:
+            return None, "name is not valid UTF-8: not a session id"
         sid = rel.replace("%", "%25").replace(os.sep, "%2F")
         try:
-            return validate_sid(sid)
-        except ValueError:
-            return None
+            return validate_sid(sid), None
+        except ValueError as exc:
+            return None, f"{exc}: not a session id"
 
     def path_for(self, sid: str) -> str:
         rel = sid.replace("%2F", os.sep).replace("%25", "%")
         return os.path.join(self.root, rel + self.suffix)
 
-    def iter_files(self) -> Iterator[tuple[str, str]]:
-        """``(path, sid)`` of every session file under the root (no symlinked dirs followed)."""
+    def iter_files(self) -> Iterator[tuple[str, str | None]]:
+        """``(path, sid)`` of every session file under the root (no symlinked dirs followed).
+
+        A session-shaped name that cannot be an id comes with ``sid=None``, so
+        that a pass reports it (once) instead of ignoring it silently.
+        """
         stack = [self.root]
         while stack:
             d = stack.pop()
@@ -135,8 +153,8 @@ class WatchState:
                             ) and not (entry.path + os.sep).startswith(self._store_prefix):
                                 stack.append(entry.path)
                         else:
-                            sid = self.sid_for(entry.path)
-                            if sid is not None:
+                            sid, why = self.identify(entry.path)
+                            if sid is not None or why is not None:
                                 yield entry.path, sid
             except (FileNotFoundError, NotADirectoryError, PermissionError):
                 continue
@@ -153,11 +171,12 @@ class Tracker:
 
     # -- helpers -------------------------------------------------------------
 
-    def watch_for(self, path: str) -> tuple[WatchState, str] | None:
+    def watch_for(self, path: str) -> tuple[WatchState, str | None, str | None] | None:
+        """``(watch, sid, None)``, or ``(watch, None, why)`` for a name that cannot be an id."""
         for ws in self.watches:
-            sid = ws.sid_for(path)
-            if sid is not None:
-                return ws, sid
+            sid, why = ws.identify(path)
+            if sid is not None or why is not None:
+                return ws, sid, why
         return None
 
     def bump(self, name: str, n: int = 1) -> None:
@@ -174,7 +193,7 @@ class Tracker:
                 self.stats.degraded[key] = why
                 self.log.error("degraded", component=key, why=why)
 
-    def _skip(self, ws: WatchState, path: str, why: str, key: StatKey) -> str:
+    def _skip(self, ws: WatchState, path: str, why: str, key: SkipKey) -> str:
         """Log a skipped file once per state of that file, not on every pass."""
         if ws.skipped.get(path) != key:
             ws.skipped[path] = key
@@ -193,20 +212,25 @@ class Tracker:
         found = self.watch_for(path)
         if found is None:
             return "ignored"
-        ws, sid = found
+        ws, sid, why = found
         if ws.store is None:
             return "unavailable"
         self.bump("evaluations")
-        if not os.path.isdir(ws.store.session_dir(sid)):
-            # Nothing pinned yet: a vanished or non-regular file needs no lock,
-            # and taking one would leave an empty store folder behind.
+        if sid is None or not os.path.isdir(ws.store.session_dir(sid)):
+            # Not a session id, or nothing pinned yet: a vanished, non-regular
+            # or foreign file needs no lock, and taking one would leave an
+            # empty store folder behind.
             try:
                 lst = os.lstat(path)
             except FileNotFoundError:
-                ws.files.pop(sid, None)
+                ws.skipped.pop(path, None)
+                if sid is not None:
+                    ws.files.pop(sid, None)
                 return "gone"
-            if not stat.S_ISREG(lst.st_mode):
-                return self._skip(ws, path, f"{_kind(lst.st_mode)}: never followed or read", stat_key(lst))
+            why = why or _unreadable(lst) or _foreign_link(ws, lst, None)
+            if why is not None:
+                return self._skip(ws, path, why, skip_key(lst))
+        assert sid is not None
         try:
             with ws.store.lock(sid, LOCK_TIMEOUT):
                 return self._evaluate_locked(ws, sid, path)
@@ -229,12 +253,9 @@ class Tracker:
             lst = os.lstat(path)
         except FileNotFoundError:
             return self._deleted(ws, sid, path, pin)
-        if not stat.S_ISREG(lst.st_mode):
-            if pin is not None and pin.count is not None:
-                # The session was replaced by a symlink/FIFO/…: its last version is kept.
-                self._keep(ws, sid, pin, Parsed(None, _kind(lst.st_mode)), None)
-                store.drop_pin(sid)
-            return self._skip(ws, path, f"{_kind(lst.st_mode)}: never followed or read", stat_key(lst))
+        why = _unreadable(lst)
+        if why is not None:
+            return self._give_up(ws, sid, path, pin, why, lst)
         if pin is not None and pin.key == stat_key(lst):
             self._remember(ws, sid, pin.count, pin.key)
             return "unchanged"
@@ -243,18 +264,21 @@ class Tracker:
         except FileNotFoundError:
             return self._deleted(ws, sid, path, pin)
         except PermissionError:
-            return self._skip(ws, path, "unreadable (permission denied)", stat_key(lst))
+            return self._skip(ws, path, "unreadable (permission denied)", skip_key(lst))
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                return self._skip(ws, path, "symlink: never followed or read", stat_key(lst))
+                return self._skip(ws, path, "symlink: never followed or read", skip_key(lst))
             raise
         try:
+            why = _foreign_link(ws, st, pin)
+            if why is not None:  # checked on the opened file: a name swapped after lstat cannot slip through
+                return self._give_up(ws, sid, path, pin, why, st)
             if st.st_size > ws.cfg.max_file_bytes:
                 # Never read or copy it; the pin (last good version) stays.
                 if pin is not None and pin.count is not None and stat_key(st) != pin.key:
                     self._keep(ws, sid, pin, Parsed(None, "over the size cap"), None)
                 return self._skip(ws, path, f"over the size cap ({st.st_size} > {ws.cfg.max_file_bytes} bytes)",
-                                  stat_key(st))
+                                  skip_key(st))
             ws.skipped.pop(path, None)
             new = parse(fsutil.read_fd(fd, st, ws.cfg.max_file_bytes, path), ws.spec)
             if pin is not None and is_loss(pin.count, new.count):
@@ -267,6 +291,15 @@ class Tracker:
         finally:
             os.close(fd)
 
+    def _give_up(self, ws: WatchState, sid: str, path: str, pin: Pin | None, why: str, st: os.stat_result) -> str:
+        """The name is no longer a file we may read (symlink, FIFO, someone else's
+        hard link…): its last version is kept and the pin dropped, the file skipped."""
+        if pin is not None and pin.count is not None:
+            assert ws.store is not None
+            self._keep(ws, sid, pin, Parsed(None, why), None)
+            ws.store.drop_pin(sid)
+        return self._skip(ws, path, why, skip_key(st))
+
     def _keep(self, ws: WatchState, sid: str, pin: Pin, new: Parsed, new_doc: Any, *, exists: bool = True) -> None:
         """The write lost messages: make the pin a durable version, then log it."""
         store = ws.store
@@ -275,10 +308,15 @@ class Tracker:
             old = store.read_pin(pin, ws.spec)
         except OSError:
             old = Parsed(pin.count)
-        cls = classify(old, new if exists else None)
         reason = loss_reason(new.count, exists=exists)
-        if exists and new.ok and _intent_changed(old.doc, new_doc, ws.cfg.intent_keys):
-            reason = "intended"
+        try:
+            cls = classify(old, new if exists else None)
+            if exists and new.ok and _intent_changed(old.doc, new_doc, ws.cfg.intent_keys):
+                reason = "intended"
+        except RecursionError:
+            # Messages nested ~1000 deep (orjson parses up to 1024) are too deep
+            # for Python to compare: the version is kept all the same.
+            cls = "rewrite"
         version = store.keep_pin(sid, reason, "daemon")
         now = time.time()
         with self._stats_lock:
@@ -334,7 +372,8 @@ class Tracker:
         store.sweep_tmp(ws.root)
         seen: set[str] = set()
         for path, sid in ws.iter_files():
-            seen.add(sid)
+            if sid is not None:
+                seen.add(sid)
             outcomes[self.evaluate(path)] += 1
         for sid in store.sessions():
             if sid not in seen and store.pin(sid) is not None:
@@ -369,16 +408,17 @@ class Tracker:
         now = time.time()
         present: set[str] = set()
         for path, sid in ws.iter_files():
-            present.add(sid)
+            if sid is not None:
+                present.add(sid)
             checked += 1
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            t = ws.files.get(sid)
+            t = ws.files.get(sid) if sid is not None else None
             if t is not None and t.key == stat_key(st):
                 continue
-            if ws.skipped.get(path) == stat_key(st):
+            if ws.skipped.get(path) == skip_key(st):
                 continue
             if now - st.st_mtime < SETTLE_SECONDS:
                 continue
@@ -402,7 +442,46 @@ def _kind(mode: int) -> str:
         return "FIFO"
     if stat.S_ISDIR(mode):
         return "directory"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
     return "not a regular file"
+
+
+def _unreadable(lst: os.stat_result) -> str | None:
+    """Why a name that is not a regular file is never opened, or None."""
+    if stat.S_ISREG(lst.st_mode):
+        return None
+    return f"{_kind(lst.st_mode)}: never followed or read"
+
+
+def _foreign_link(ws: WatchState, st: os.stat_result, pin: Pin | None) -> str | None:
+    """Why a hard link to someone else's file is not read, or None.
+
+    A second name for a file owned by another user than the watched
+    directory's owner is most likely someone else's file linked in here: a
+    root daemon reading it would copy, say, ``/etc/shadow`` into a store its
+    read group can read. Links by the directory's owner (an ``os.link``
+    publish, the library's and ``pin = "link"`` pins) are normal; so is our
+    own link pin of this very file, whoever owns it.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    links = st.st_nlink
+    if pin is not None and pin.method == "link" and pin.key[:2] == (st.st_dev, st.st_ino):
+        links -= 1
+    if links <= 1:
+        return None
+    try:
+        owner: int | str = os.stat(ws.root).st_uid
+    except OSError:
+        owner = "?"  # the directory is going away: read nothing we cannot vouch for
+    if st.st_uid == owner:
+        return None
+    return f"hard link to a file owned by uid {st.st_uid}; the directory belongs to uid {owner}: not read"
 
 
 def _growth(before: int | None, after: int | None) -> str:
