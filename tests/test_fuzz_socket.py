@@ -117,17 +117,8 @@ REAL = {("w1", "alpha"), ("w1", "beta"), ("w1", "gamma"), ("w1", "dup"), ("w2", 
 REAL_SIDS = frozenset(sid for _, sid in REAL)
 #: Ids of files inside a watch that are no sessions but whose ``<id>.json`` exists: the
 #: server's own index, a symlink to the canary, a file reached through the symlinked
-#: directory ``canarydir``. The daemon answers ``history`` for them and a ``restore`` of one
-#: leaves an empty store folder (a known gap in ``Daemon._locate``, pinned down by the
-#: strict xfail test_non_session_files_are_not_sessions): the fuzz expects nothing of
-#: them and never sends them to ``restore``.
+#: directory ``canarydir``. They must be treated like any other unknown id.
 NON_SESSION_FILES = frozenset({"_index", "canary", "canarydir%2Fvictim"})
-
-
-
-
-def known_gap(sid: str) -> bool:
-    return sid in NON_SESSION_FILES
 
 
 READER_GID = 65534  # nogroup: the daemon's read_group
@@ -497,7 +488,7 @@ def refine(exp: Expect, req: dict[str, Any], role: str) -> Expect:
     params = req.get("params")
     if method in SID_METHODS and isinstance(params, dict) and isinstance(params.get("sid"), str):
         sid = params["sid"]
-        if sid not in REAL_SIDS and not known_gap(sid):
+        if sid not in REAL_SIDS:
             # an id that names no session: refused or not found, never a result
             return Expect(exp.id, frozenset({INVALID_PARAMS, NOT_FOUND}), exp.line)
     return exp
@@ -662,12 +653,9 @@ def render(value: Any, w: World) -> Any:
 def made_safe(req: dict[str, Any]) -> dict[str, Any]:
     """A real session id may reach ``restore`` only as a dry run: the live files must stay
     as they are (a valid restore is tested once, on its own daemon). Invalid ``dry_run``
-    values stay: they are refused before anything happens. A known-gap id goes to
-    ``history`` instead (see NON_SESSION_FILES)."""
+    values stay: they are refused before anything happens."""
     params = req.get("params")
     if req.get("method") == "restore" and isinstance(params, dict) and isinstance(params.get("sid"), str):
-        if known_gap(params["sid"]):
-            return dict(req, method="history")
         if params["sid"] in REAL_SIDS and params.get("dry_run", False) is False:
             return dict(req, params=dict(params, dry_run=True))
     return req
@@ -855,7 +843,7 @@ def test_every_hostile_id_at_every_method(world) -> None:
     for raw in HOSTILE_STRINGS:
         value = render(raw, w)
         for method in SID_METHODS:
-            if value not in REAL_SIDS and not known_gap(value):
+            if value not in REAL_SIDS:
                 lines.append((req(method, sid=value), _refused))
             spec = _METHODS[method]
             names_beta = bool(value) and (value == beta.name or beta.id.startswith(value))
@@ -983,8 +971,6 @@ def test_restore_over_a_live_symlink_never_writes_through_it(small_daemon) -> No
     assert not d.events("control.error") and "Traceback" not in d.text()
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.Daemon._locate accepts any id whose <id>.json exists in a "
-                                       "watch, session or not (see the issue 6 report)")
 def test_non_session_files_are_not_sessions(small_daemon) -> None:
     """``_index.json`` (the server's own list), ``canary.json`` (a symlink out of the watch) and
     ``canarydir/victim.json`` (through a symlinked directory) are no sessions: their history is

@@ -24,23 +24,42 @@ from .config import Config, ConfigError
 from .count import CountSpec
 from .store import PruneReport, RestoreResult, Version, VersionNotFound
 from .tracker import Tracker, WatchState
-from .watch import Watcher
+from .watch import Watcher, inotify_hint
 
 #: How often the maintenance thread checks that every watch root still exists.
 ROOT_CHECK_SECONDS = 1.0
 
 
-def _dir_problem(path: str) -> str:
-    """Why *path* cannot be watched ('' if it can): missing, not a directory, no permission."""
+#: A directory's identity: the same path holding another directory (``rm -rf`` and
+#: ``mkdir``, a backup moved into place) is a new watch with a new store.
+RootId = tuple[int, int]
+
+
+def _dir_state(path: str) -> tuple[str, RootId | None]:
+    """``("", (dev, ino))`` for a directory that can be watched, else ``(why not, None)``.
+
+    The last component must be a real directory, never a symlink: one swapped
+    in for the session directory would make the daemon read, copy and keep a
+    store in a directory nobody configured. The admin is told to configure
+    the link's target instead.
+    """
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
-        return "no such directory"
+        return "no such directory", None
     except PermissionError:
-        return "permission denied (check the daemon user's access to every parent directory)"
+        return "permission denied (check the daemon user's access to every parent directory)", None
     except OSError as exc:
-        return exc.strerror or str(exc)
-    return "" if stat.S_ISDIR(st.st_mode) else "not a directory"
+        return exc.strerror or str(exc), None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"a symbolic link (to {target}): never followed; configure the directory itself", None
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory", None
+    return "", (st.st_dev, st.st_ino)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -70,6 +89,10 @@ class Daemon:
         self._rescan = threading.Event()
         self._maint_stop = threading.Event()
         self._maint = threading.Thread(target=self._maintain, name="sessionguard-maint", daemon=True)
+        self._roots: dict[str, RootId] = {}  # identity of each watched directory when it was brought up
+        self._polled: dict[str, str] = {}  # directories inotify refused, polled meanwhile: why
+        self._failed: dict[str, str] = {}  # directories that could not be brought up: the error logged
+        self._pin_methods: dict[str, tuple[str, bool]] = {}  # see _pin_method
 
     def _start_watching(self) -> None:
         """Watch and scan every directory (pins in place), then start maintenance."""
@@ -99,37 +122,123 @@ class Daemon:
         )
 
     def _describe(self, ws: WatchState) -> dict[str, Any]:
-        method = ws.cfg.pin
-        if method == "auto" and ws.store is not None:
-            method = "reflink" if fsutil.reflink_supported(ws.store.root) else "copy"
-        return {"path": ws.root, "available": ws.available, "pin": ws.cfg.pin, "pin_method": method,
-                "store": ws.cfg.store_path}
+        method, _ = self._pin_methods.get(ws.root, (ws.cfg.pin, True))
+        return {"path": ws.root, "available": ws.available, "inotify": ws.available and ws.root not in self._polled,
+                "pin": ws.cfg.pin, "pin_method": method, "store": ws.cfg.store_path}
+
+    def _pin_method(self, ws: WatchState) -> tuple[str, bool]:
+        """The method the daemon's pins of *ws* use, and whether hard links are possible.
+
+        Found once per bring-up, not per ``status``: the reflink probe writes
+        into the store. Neither a hard link nor a reflink crosses filesystems,
+        so a store elsewhere always gets copies.
+        """
+        try:
+            same_fs = fsutil.same_filesystem(ws.root, ws.cfg.store_path)
+        except OSError:
+            same_fs = True  # cannot tell; the names of pins and versions record what was done
+        if ws.cfg.pin == "copy" or not same_fs:
+            return "copy", same_fs
+        if ws.cfg.pin == "link":
+            return "link", True
+        try:
+            return ("reflink" if fsutil.reflink_supported(ws.cfg.store_path) else "copy"), True
+        except OSError:  # a read-only store: nothing will be written anyway
+            return "copy", True
 
     def _bring_up(self, ws: WatchState, *, initial: bool = False) -> None:
         """Watch and scan one directory, if it exists. Scheduling comes first so
-        nothing written during the scan is missed."""
-        problem = _dir_problem(ws.root)
+        nothing written during the scan is missed. A directory inotify refuses
+        (its limits) is scanned all the same and then polled by every
+        reconciliation until a retry of the watch succeeds."""
+        problem, root_id = _dir_state(ws.root)
         if problem:
             if initial or ws.available:
                 self.log.warning("watch.missing", watch=ws.root, why=problem,
-                                 hint="it will be watched as soon as it is there (checked every second)")
+                                 hint="it will be watched as soon as it is a directory (checked every second)")
             ws.available = False
             return
         try:
-            if not self.watcher.schedule(ws):
-                return
-            ws.available = True
+            refused = self._schedule(ws)
             self.tracker.scan(ws)
-            if not initial:
-                self.log.info("watch.restored", **self._describe(ws))
-            elif ws.cfg.pin == "link":
-                self.log.warning("watch.pin_link", watch=ws.root,
-                                 risk="hard-link pins share the live inode: an in-place truncating write "
-                                      "destroys the prior version too; use only for rename-only writers")
         except Exception as exc:  # noqa: BLE001 - one bad watch must not stop the others
+            self.watcher.unschedule(ws)
             ws.available = False
+            self._bring_up_failed(ws, exc)
+            return
+        assert root_id is not None
+        ws.available = True
+        self._roots[ws.root] = root_id
+        self._pin_methods[ws.root] = self._pin_method(ws)
+        self._failed.pop(ws.root, None)
+        if refused is not None:
+            self._inotify_refused(ws, refused)
+        if not initial:
+            self.log.info("watch.restored", **self._describe(ws))
+        self.tracker._degrade(f"watch:{ws.root}", None)
+        self._log_pin_caveats(ws)
+
+    def _schedule(self, ws: WatchState) -> OSError | None:
+        """Put an inotify watch on *ws*; the error if inotify refuses (limits), else None."""
+        try:
+            self.watcher.schedule(ws)
+        except OSError as exc:
+            return exc
+        self._polled.pop(ws.root, None)
+        return None
+
+    def _inotify_refused(self, ws: WatchState, exc: OSError) -> None:
+        """No inotify for *ws*: poll it (every reconciliation) and say so once, not on every retry."""
+        why = f"{ws.root}: inotify refused ({exc.strerror or exc}): polled every {self.cfg.reconcile_interval:g} s"
+        if self._polled.get(ws.root) != why:
+            self._polled[ws.root] = why
             self.tracker.bump("errors")
-            self.log.exception("watch.failed", watch=ws.root, error=str(exc))
+            self.log.error("watch.failed", watch=ws.root, error=str(exc), errno=exc.errno, hint=inotify_hint(exc),
+                           action=f"polling: files are compared with their pins every "
+                                  f"{self.cfg.reconcile_interval:g} s; the watch is retried every "
+                                  f"{ROOT_CHECK_SECONDS:g} s")
+        self.tracker._degrade(f"inotify:{ws.root}", why)
+
+    def _retry_inotify(self, ws: WatchState) -> None:
+        """A polled directory: try the inotify watch again; once it holds, rescan what polling may have missed."""
+        refused = self._schedule(ws)
+        if refused is not None:
+            self._inotify_refused(ws, refused)
+            return
+        self.log.info("watch.restored", **self._describe(ws))
+        self.tracker._degrade(f"inotify:{ws.root}", None)
+        self.tracker.scan(ws)
+
+    def _bring_up_failed(self, ws: WatchState, exc: Exception) -> None:
+        """The directory is there but could not be watched or scanned (e.g. the store
+        cannot be created: full, read-only). Logged once per distinct error; retried every second."""
+        if isinstance(exc, OSError):  # not str(exc): it may name a tmp file, new on every retry
+            why = f"{ws.root}: not watched: {exc.strerror or exc} (store {ws.cfg.store_path})"
+        else:
+            why = f"{ws.root}: not watched: {type(exc).__name__}: {exc}"
+        if self._failed.get(ws.root) != why:
+            self._failed[ws.root] = why
+            self.tracker.bump("errors")
+            fields = {"watch": ws.root, "store": ws.cfg.store_path, "error": str(exc),
+                      "hint": "check free space and write access to the store; retried every second"}
+            if isinstance(exc, OSError):
+                self.log.error("watch.failed", errno=exc.errno, **fields)
+            else:
+                self.log.exception("watch.failed", **fields)
+        self.tracker._degrade(f"watch:{ws.root}", why)
+
+    def _log_pin_caveats(self, ws: WatchState) -> None:
+        """One line when the pins are not what the config suggests: hard links impossible, or risky."""
+        method, same_fs = self._pin_methods[ws.root]
+        if not same_fs:
+            log = self.log.warning if ws.cfg.pin == "link" else self.log.info
+            log("watch.no_hardlinks", watch=ws.root, store=ws.cfg.store_path, pin=ws.cfg.pin, pin_method=method,
+                why="the store is on another filesystem than the watched directory: hard links cannot cross it",
+                effect="every pin and version is a full copy, by the daemon and by the embedded library")
+        elif method == "link":
+            self.log.warning("watch.pin_link", watch=ws.root,
+                             risk="hard-link pins share the live inode: an in-place truncating write "
+                                  "destroys the prior version too; use only for rename-only writers")
 
     def _start_control(self) -> None:
         from .control import ControlServer
@@ -247,18 +356,31 @@ class Daemon:
                 self.log.exception("maintenance.error", error=str(exc))
 
     def _check_roots(self) -> None:
-        """A watched directory removed is reported; when it comes back it is watched again."""
+        """A watched directory removed, replaced (by another directory, a symlink or
+        a file) is reported and let go; when a directory is there again it is
+        watched again. A polled directory gets its inotify watch retried."""
         for ws in self.tracker.watches:
-            exists = not _dir_problem(ws.root)
-            if ws.available and not exists:
-                ws.available = False
-                ws.store = None  # the default store lived inside it: re-created on return
-                self.watcher.unschedule(ws)
-                self.tracker.stats.degraded[f"watch:{ws.root}"] = "watched directory is missing"
-                self.log.error("watch.removed", watch=ws.root, hint="will re-watch when it comes back")
-            elif not ws.available and exists:
-                self.tracker.stats.degraded.pop(f"watch:{ws.root}", None)
-                self._bring_up(ws)
+            problem, root_id = _dir_state(ws.root)
+            if ws.available and root_id != self._roots.get(ws.root):
+                self._take_down(ws, problem or "replaced by another directory")
+            if not ws.available:
+                if not problem:
+                    self._bring_up(ws)
+            elif ws.root in self._polled:
+                self._retry_inotify(ws)
+
+    def _take_down(self, ws: WatchState, why: str) -> None:
+        """Stop watching a directory that is gone or is not the one watched any more."""
+        ws.available = False
+        ws.store = None  # the default store lived inside it: re-created on return
+        ws.files.clear()  # ... and so did the pins these described
+        ws.skipped.clear()
+        self.watcher.unschedule(ws)
+        self.log.error("watch.removed", watch=ws.root, why=why,
+                       hint="watched again as soon as a directory is there (checked every second)")
+        if self._polled.pop(ws.root, None) is not None:
+            self.tracker._degrade(f"inotify:{ws.root}", None)
+        self.tracker._degrade(f"watch:{ws.root}", f"{ws.root}: {why}")
 
     def healthy(self, stall_seconds: float) -> tuple[bool, str]:
         ok, why = self.watcher.healthy(stall_seconds)
@@ -323,14 +445,18 @@ class Daemon:
         return out
 
     def _locate(self, sid: str, watch: str | None) -> WatchState:
-        """The watch holding *sid* (by live file, tracked state or store)."""
+        """The watch holding *sid*: tracked now, or with a folder in the store.
+
+        A file merely existing as ``<sid>.json`` does not make a session: the
+        server's ``_index.json``, a symlink or a file behind a symlinked
+        directory would otherwise get answers and store folders."""
         candidates = []
         for ws in self.tracker.watches:
             if watch is not None and os.path.abspath(watch) != ws.root:
                 continue
             if ws.store is None:
                 continue
-            if sid in ws.files or os.path.lexists(ws.path_for(sid)) or os.path.isdir(ws.store.session_dir(sid)):
+            if sid in ws.files or os.path.isdir(ws.store.session_dir(sid)):
                 candidates.append(ws)
         if not candidates:
             raise VersionNotFound(f"no session {sid!r}" + (f" in watch {watch}" if watch else ""))
@@ -387,7 +513,10 @@ class Daemon:
         return report
 
     def sync(self, timeout: float) -> bool:
-        return self.watcher.sync([ws.root for ws in self.tracker.watches if ws.available], timeout)
+        """True once every change made before the call was processed. Never for a
+        polled directory (inotify refused it): nothing orders its changes."""
+        watched = [ws.root for ws in self.tracker.watches if ws.available and ws.root not in self._polled]
+        return self.watcher.sync(watched, timeout) and not self._polled
 
     def metrics(self) -> str:
         s = self.tracker.stats

@@ -21,6 +21,7 @@ handler turns that into a rescan request, because events were lost.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -40,13 +41,28 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import ObservedWatch
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from .tracker import Tracker, WatchState
 
 #: Name prefix of ``sync`` cookie files (hidden: never a session, never the server's).
 COOKIE_PREFIX = ".sessionguard-sync-"
 _EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent, DirDeletedEvent, DirMovedEvent]
+
+
+#: The sysctl behind each way inotify refuses a watch (watchdog raises these errnos).
+INOTIFY_LIMITS = {errno.ENOSPC: "fs.inotify.max_user_watches", errno.EMFILE: "fs.inotify.max_user_instances"}
+
+
+def inotify_hint(exc: OSError) -> str:
+    """What an admin can do when inotify refuses to watch a directory."""
+    knob = INOTIFY_LIMITS.get(exc.errno or 0)
+    if knob is None:
+        return "inotify could not watch the directory (is it on a local filesystem the daemon may read?)"
+    per_ns = knob.replace("fs.inotify.max_user_", "user.max_inotify_")
+    return (f"raise {knob} (sysctl -w {knob}=N, and in /etc/sysctl.d/ to keep it; the package's "
+            f"60-sessionguard-inotify.conf does), in a container also {per_ns}; the limit is per user, "
+            "shared with every other inotify user of the same uid")
 
 
 class CoalescingQueue:
@@ -113,7 +129,9 @@ class Watcher:
         self.tracker = tracker
         self.log = log
         self.queue = CoalescingQueue()
-        self.observer = Observer()
+        #: Made by the first schedule(), not here: it takes an inotify instance, which the
+        #: instance limit may refuse; the daemon then polls and schedule() tries again.
+        self.observer: BaseObserver | None = None
         self._scheduled: dict[str, ObservedWatch] = {}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="sessionguard-worker", daemon=True)
@@ -126,25 +144,24 @@ class Watcher:
         logging.getLogger("watchdog.observers.inotify_c").addHandler(self._overflow_hook)
 
     def start(self) -> None:
-        self.observer.start()
         self._worker.start()
 
-    def schedule(self, ws: WatchState) -> bool:
-        """Start watching *ws*'s directory; False (and logged) if it cannot be watched."""
+    def schedule(self, ws: WatchState) -> None:
+        """Start watching *ws*'s directory. Raises ``OSError`` when inotify refuses
+        (``ENOSPC``: watch limit, ``EMFILE``: instance limit; see :func:`inotify_hint`)."""
         self.unschedule(ws)
-        try:
-            handler = _Handler(self.queue.put, lambda: self.tracker.bump("events"))
-            self._scheduled[ws.root] = self.observer.schedule(
-                handler, ws.root, recursive=ws.cfg.recursive, event_filter=_EVENTS
-            )
-            return True
-        except OSError as exc:
-            self.log.error("watch.failed", watch=ws.root, error=str(exc), errno=exc.errno)
-            return False
+        if self.observer is None:
+            observer = Observer()  # inotify_init: EMFILE at the instance limit
+            observer.start()
+            self.observer = observer
+        handler = _Handler(self.queue.put, lambda: self.tracker.bump("events"))
+        self._scheduled[ws.root] = self.observer.schedule(
+            handler, ws.root, recursive=ws.cfg.recursive, event_filter=_EVENTS
+        )
 
     def unschedule(self, ws: WatchState) -> None:
         watch = self._scheduled.pop(ws.root, None)
-        if watch is not None:
+        if watch is not None and self.observer is not None:
             try:
                 self.observer.unschedule(watch)
             except (KeyError, OSError):
@@ -164,7 +181,14 @@ class Watcher:
                     self.tracker.evaluate(path)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one file
                 self.tracker.bump("errors")
-                self.log.exception("worker.error", path=path, error=str(exc))
+                try:
+                    self.log.exception("worker.error", path=path, error=str(exc))
+                except Exception as log_exc:  # noqa: BLE001 - nor may a failing log line end it
+                    try:  # last resort: one ASCII line on stderr
+                        os.write(2, f"sessionguardd: worker.error path={path!a} error={exc!a} "
+                                    f"(logging it failed: {log_exc!a})\n".encode())
+                    except OSError:
+                        pass
             finally:
                 self.in_hand = None
                 self.last_progress = time.monotonic()
@@ -175,7 +199,7 @@ class Watcher:
         The worker is wedged when it has held one file, or left the queue
         waiting, for longer than *stall_seconds* (the watchdog interval).
         """
-        if not self.observer.is_alive():
+        if self.observer is not None and not self.observer.is_alive():
             return False, "observer thread died"
         if not self._worker.is_alive():
             return False, "worker thread died"
@@ -229,7 +253,8 @@ class Watcher:
         """Stop watching; the file in hand is finished, the rest is left to the next start-up scan."""
         self._stop.set()
         self.queue.close()
-        self.observer.stop()
-        self.observer.join(timeout=5)
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
         self._worker.join(timeout=30)
         logging.getLogger("watchdog.observers.inotify_c").removeHandler(self._overflow_hook)
