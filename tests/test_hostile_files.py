@@ -361,8 +361,6 @@ def test_journal_logging_survives_a_non_utf8_name(sdir, daemons) -> None:
     d.assert_alive()
 
 
-@pytest.mark.xfail(strict=True, reason="needs Store.sessions() to skip folder names that are not valid ids "
-                                       "(store.py, outside this change: see the issue-6 hostile-files report)")
 def test_a_store_folder_with_a_non_utf8_name_from_an_older_version_does_not_stop_the_watch(sdir, daemons) -> None:
     """Before the fix, a non-UTF-8 session name got a store folder; such a store must still work."""
     old = os.fsencode(sdir / ".sessionguard" / "sessions") + b"/\xff\xfe"
@@ -411,8 +409,6 @@ def test_names_at_the_255_byte_limit_and_odd_but_valid_names_are_sessions(sdir, 
     assert_still_works(d, sdir)
 
 
-@pytest.mark.xfail(strict=True, reason="fsutil.tmp_path adds ~25 bytes to a 255-byte name: ENAMETOOLONG "
-                                       "(fsutil.py, outside this change: see the issue-6 hostile-files report)")
 def test_a_session_at_the_255_byte_limit_can_be_restored(sdir, daemons) -> None:
     sid = "a" * 250
     (sdir / f"{sid}.json").write_bytes(orjson.dumps(make_session(4, sid)))

@@ -99,8 +99,13 @@ def read_regular(
 
 
 def tmp_path(final: str) -> str:
-    """A unique temporary name beside *final* (same directory, same filesystem)."""
+    """A unique temporary name beside *final* (same directory, same filesystem).
+
+    A long name is shortened first: the marker and suffix add ~25 bytes, and
+    a session name may already be at the 255-byte limit.
+    """
     head, tail = os.path.split(final)
+    tail = os.fsencode(tail)[:200].decode("utf-8", "ignore")
     return os.path.join(head, f".{tail}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 

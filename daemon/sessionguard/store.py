@@ -126,6 +126,15 @@ def validate_sid(sid: str) -> str:
     return sid
 
 
+def _is_sid(name: str) -> bool:
+    """A store folder name that is a valid id (an older version kept some that are not)."""
+    try:
+        validate_sid(name)
+    except ValueError:
+        return False
+    return True
+
+
 def is_loss(before: int | None, after: int | None, *, exists: bool = True) -> bool:
     """Does going from *before* to *after* messages lose anything?
 
@@ -302,7 +311,7 @@ class Store:
         """Every session id that has a folder in the store."""
         try:
             with os.scandir(os.path.join(self.root, _SESSIONS)) as it:
-                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False) and _is_sid(e.name))
         except FileNotFoundError:
             return []
 
