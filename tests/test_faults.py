@@ -193,8 +193,6 @@ def test_store_full_at_start_is_reported_once_and_watched_when_space_returns(sdi
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="tracker: a shrink whose new pin cannot be written is logged and counted "
-                                       "again by every retry (see the issue-6 faults report)")
 def test_full_store_logs_the_shrink_once_however_often_it_retries(sdir, tmp_path, tmpfs, daemons) -> None:
     mp = tmpfs("2m")
     store = mp / "store"
@@ -215,9 +213,6 @@ def test_full_store_logs_the_shrink_once_however_often_it_retries(sdir, tmp_path
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="tracker: `degraded` for a full store clears only when a later pin is "
-                                       "written; a failing session deleted meanwhile leaves it set for good "
-                                       "(see the issue-6 faults report)")
 def test_full_store_degraded_clears_when_the_failing_session_is_deleted(sdir, tmp_path, tmpfs, daemons) -> None:
     mp = tmpfs("2m")
     store = mp / "store"

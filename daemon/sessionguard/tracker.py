@@ -58,6 +58,9 @@ class Tracked:
     high_water: int | None
     versions: int = 0
     last_shrink: float | None = None
+    #: The pin already kept as a version while its successor could not be
+    #: written (full store): a retry must not log or count that shrink again.
+    kept_seq: int | None = None
 
 
 @dataclass
@@ -89,6 +92,8 @@ class WatchState:
         self.store: Store | None = None
         self.files: dict[str, Tracked] = {}
         self.skipped: dict[str, SkipKey] = {}
+        #: Sessions whose last store write failed: the store is degraded while any is left.
+        self.failing: set[str] = set()
         self.available = False
         pattern = cfg.pattern
         literal_suffix = pattern[1:] if pattern.startswith("*") and not any(c in pattern[1:] for c in "*?[") else ""
@@ -213,10 +218,11 @@ class Tracker:
         if found is None:
             return "ignored"
         ws, sid, why = found
-        if ws.store is None:
+        store = ws.store  # bound once: the maintenance thread drops it when the directory goes
+        if store is None:
             return "unavailable"
         self.bump("evaluations")
-        if sid is None or not os.path.isdir(ws.store.session_dir(sid)):
+        if sid is None or not os.path.isdir(store.session_dir(sid)):
             # Not a session id, or nothing pinned yet: a vanished, non-regular
             # or foreign file needs no lock, and taking one would leave an
             # empty store folder behind.
@@ -232,22 +238,26 @@ class Tracker:
                 return self._skip(ws, path, why, skip_key(lst))
         assert sid is not None
         try:
-            with ws.store.lock(sid, LOCK_TIMEOUT):
-                return self._evaluate_locked(ws, sid, path)
+            with store.lock(sid, LOCK_TIMEOUT):
+                outcome = self._evaluate_locked(ws, store, sid, path)
         except OSError as exc:
             self.bump("errors")
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-                self._degrade(f"store:{ws.store.root}", f"{os.strerror(exc.errno or 0)} writing the store")
+                ws.failing.add(sid)
+                self._degrade(f"store:{store.root}", f"{os.strerror(exc.errno or 0)} writing the store")
             self.log.error("pin.failed", watch=ws.root, sid=sid, path=path, error=str(exc), errno=exc.errno)
             return "error"
         except StoreError as exc:
             self.bump("errors")
             self.log.error("pin.failed", watch=ws.root, sid=sid, path=path, error=str(exc))
             return "error"
+        if sid in ws.failing:  # pinned, deleted or skipped: nothing is pending for it any more
+            ws.failing.discard(sid)
+            if not ws.failing:
+                self._degrade(f"store:{store.root}", None)
+        return outcome
 
-    def _evaluate_locked(self, ws: WatchState, sid: str, path: str) -> str:
-        store = ws.store
-        assert store is not None
+    def _evaluate_locked(self, ws: WatchState, store: Store, sid: str, path: str) -> str:
         pin = store.pin(sid, tidy=True)
         try:
             lst = os.lstat(path)
@@ -285,7 +295,6 @@ class Tracker:
                 self._keep(ws, sid, pin, new, new.doc)
             outcome = "new" if pin is None else _growth(pin.count, new.count)
             store.set_pin(sid, pin, fd, path, st, new.count, policy=ws.pin_policy)
-            self._degrade(f"store:{store.root}", None)
             self._remember(ws, sid, new.count, stat_key(st))
             return outcome
         finally:
@@ -317,13 +326,17 @@ class Tracker:
             # Messages nested ~1000 deep (orjson parses up to 1024) are too deep
             # for Python to compare: the version is kept all the same.
             cls = "rewrite"
+        tracked = ws.files.get(sid)
+        if tracked is not None and tracked.kept_seq == pin.seq:
+            return  # kept by an earlier attempt whose new pin could not be written
         version = store.keep_pin(sid, reason, "daemon")
+        if tracked is not None:
+            tracked.kept_seq = pin.seq
         now = time.time()
         with self._stats_lock:
             self.stats.shrinks[cls] += 1
             self.stats.versions_kept += 1
             self.stats.last_shrink = (sid, now, cls)
-        tracked = ws.files.get(sid)
         if tracked is not None:
             tracked.last_shrink = now
             tracked.versions += 1
@@ -424,7 +437,7 @@ class Tracker:
                 continue
             changed += 1
             self.evaluate(path)
-        for sid in [s for s in list(ws.files) if s not in present]:
+        for sid in [s for s in set(ws.files) | ws.failing if s not in present]:
             changed += 1
             self.evaluate(ws.path_for(sid))
         self.bump("reconciliations")
