@@ -228,6 +228,11 @@ def test_deeply_nested_messages_that_shrink_keep_their_version(sdir, daemons) ->
     v = kept(sdir, 3, "deep", "shrink")
     assert Path(v.path).read_bytes() == whole
     pinned(sdir, "deep", 1)
+    # Too deep to send back as JSON: a clear -32005 naming the way out, not an internal error.
+    for method, params in (("show", {"sid": "deep", "messages": True}), ("diff", {"sid": "deep"})):
+        with pytest.raises(RuntimeError, match="-32005.*version file"):
+            d.call(method, params)
+    assert not d.events("control.error")
     assert_still_works(d, sdir)
 
 

@@ -41,7 +41,8 @@ Errors are JSON-RPC errors. Besides the standard codes (-32700 parse error,
 * -32003 the store could not carry the operation out (e.g. a session locked
   by another process, a full disk, a symlink where the live file was);
 * -32004 not found (no such session, version or watch; or ambiguous);
-* -32005 the version's content cannot be parsed (``diff``).
+* -32005 the version's content cannot be parsed (``diff``), or is nested too
+  deeply to be sent back as JSON (``show``/``diff``).
 
 Every backend call runs on a small thread pool, never on the event loop, so
 a slow restore blocks neither other clients nor the daemon's watcher; the
@@ -217,7 +218,7 @@ def _sid(name: str, value: Any) -> str:
     except ValueError as exc:
         raise RpcError(INVALID_PARAMS, f"invalid params: {name}: {exc}") from None
     # A recursive watch names a file in a sub-directory "sub%2Fname" (see
-    # WatchState.sid_for/path_for), so "%2F" is a path separator once decoded:
+    # WatchState.identify/path_for), so "%2F" is a path separator once decoded:
     # "x%2F..%2F..%2Fetc" or "%2Fetc%2Fpasswd" would name a file outside the
     # watch. No real file's id decodes to an empty, "." or ".." component.
     parts = sid.replace("%2F", "/").replace("%25", "%").split("/")
@@ -311,6 +312,13 @@ def _messages(data: bytes, spec: CountSpec) -> list[Any] | str:
     if not parsed.ok:
         return parsed.error or "unparseable"
     return list(parsed.messages or [])
+
+
+def _too_deep(method: str, exc: Exception) -> str:
+    """Why a session's valid JSON cannot travel in a reply: orjson reads 1024
+    levels of nesting but writes only 254."""
+    return (f"{method}: the session's content cannot be sent as JSON ({exc}); "
+            "the version file in the store holds it byte for byte")
 
 
 def _canonical(message: Any) -> bytes:
@@ -676,6 +684,8 @@ class ControlServer:
             return None
         try:
             return _response(rid, result=result)
+        except orjson.JSONEncodeError as exc:
+            return _response(rid, error=(UNPROCESSABLE, _too_deep(method, exc), None))
         except TypeError as exc:
             self.log.error("control.error", method=method, error=f"result is not JSON-serialisable: {exc}")
             return _response(rid, error=(INTERNAL_ERROR, "internal error (see the daemon's log)", None))
@@ -702,6 +712,8 @@ class ControlServer:
             raise RpcError(NOT_FOUND, str(exc) or "not found") from None
         except StoreError as exc:
             raise RpcError(STORE_ERROR, str(exc)) from None
+        except orjson.JSONEncodeError as exc:
+            raise RpcError(UNPROCESSABLE, _too_deep(method, exc)) from None
         except OSError as exc:
             # The file system said no (a symlink or FIFO where the live file was, a
             # full or read-only disk, a permission): the caller needs the reason;
