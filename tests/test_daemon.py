@@ -111,6 +111,16 @@ def test_delete_and_rename_to_a_new_id_keep_the_prior_version(sdir, daemons) -> 
     assert ev["class"] == "deleted" and ev["level"] == "warning"
 
 
+def test_library_and_daemon_keep_a_name_with_percent_in_one_folder(sdir, daemons) -> None:
+    sid = "50%off%2Fsale"
+    Guard(sdir).save(sid, make_session(5, sid))
+    d = daemons("--watch", str(sdir))
+    server_write(sdir / f"{sid}.json", make_session(0, sid))
+    assert kept(sdir, 5, sid).source == "daemon"
+    assert os.listdir(sdir / ".sessionguard" / "sessions") == [sid]
+    d.assert_alive()
+
+
 def test_growing_writes_keep_no_version(sdir, daemons) -> None:
     d = daemons("--watch", str(sdir))
     for n in (1, 5, 50, 500):

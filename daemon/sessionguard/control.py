@@ -314,6 +314,10 @@ def _messages(data: bytes, spec: CountSpec) -> list[Any] | str:
     return list(parsed.messages or [])
 
 
+def _is_too_deep(exc: Exception) -> bool:
+    return isinstance(exc, orjson.JSONEncodeError) and "recursion" in str(exc).lower()
+
+
 def _too_deep(method: str, exc: Exception) -> str:
     """Why a session's valid JSON cannot travel in a reply: orjson reads 1024
     levels of nesting but writes only 254."""
@@ -684,9 +688,9 @@ class ControlServer:
             return None
         try:
             return _response(rid, result=result)
-        except orjson.JSONEncodeError as exc:
-            return _response(rid, error=(UNPROCESSABLE, _too_deep(method, exc), None))
         except TypeError as exc:
+            if _is_too_deep(exc):
+                return _response(rid, error=(UNPROCESSABLE, _too_deep(method, exc), None))
             self.log.error("control.error", method=method, error=f"result is not JSON-serialisable: {exc}")
             return _response(rid, error=(INTERNAL_ERROR, "internal error (see the daemon's log)", None))
 
@@ -712,8 +716,6 @@ class ControlServer:
             raise RpcError(NOT_FOUND, str(exc) or "not found") from None
         except StoreError as exc:
             raise RpcError(STORE_ERROR, str(exc)) from None
-        except orjson.JSONEncodeError as exc:
-            raise RpcError(UNPROCESSABLE, _too_deep(method, exc)) from None
         except OSError as exc:
             # The file system said no (a symlink or FIFO where the live file was, a
             # full or read-only disk, a permission): the caller needs the reason;
@@ -721,6 +723,8 @@ class ControlServer:
             raise RpcError(STORE_ERROR, f"{method} failed: {exc.strerror or exc}"
                            + (f": {exc.filename}" if exc.filename else "")) from None
         except Exception as exc:  # noqa: BLE001 - reported, never raised into the loop
+            if _is_too_deep(exc):
+                raise RpcError(UNPROCESSABLE, _too_deep(method, exc)) from None
             self.log.error("control.error", method=method, error=repr(exc), uid=peer.uid, pid=peer.pid)
             raise RpcError(INTERNAL_ERROR, "internal error (see the daemon's log)") from None
 

@@ -130,14 +130,17 @@ class WatchState:
             rel.encode("utf-8")  # os.fsdecode turned undecodable bytes into lone surrogates
         except UnicodeEncodeError:
             return None, "name is not valid UTF-8: not a session id"
-        sid = rel.replace("%", "%25").replace(os.sep, "%2F")
+        # Only a recursive watch needs to encode sub-directories in the id; a
+        # flat one uses the file name as is, exactly as the library does, so
+        # both keep "50%off.json" in one store folder.
+        sid = rel.replace("%", "%25").replace(os.sep, "%2F") if self.cfg.recursive else rel
         try:
             return validate_sid(sid), None
         except ValueError as exc:
             return None, f"{exc}: not a session id"
 
     def path_for(self, sid: str) -> str:
-        rel = sid.replace("%2F", os.sep).replace("%25", "%")
+        rel = sid.replace("%2F", os.sep).replace("%25", "%") if self.cfg.recursive else sid
         return os.path.join(self.root, rel + self.suffix)
 
     def iter_files(self) -> Iterator[tuple[str, str | None]]:
