@@ -323,3 +323,19 @@ def test_the_package_imports_without_daemon_dependencies(tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
     assert sessionguard.__version__
+
+
+def test_a_foreign_shrink_regrown_before_the_next_save_keeps_the_lost_messages(tmp_path: Path) -> None:
+    """Another writer dropped the last 4 of 10 messages and then wrote 6 new ones (12 in
+    all) between two guarded saves: the count grew, but messages 6..9 exist only in the pin."""
+    g = Guard(tmp_path)
+    doc = make_session(10, SID)
+    g.save(SID, doc)
+    dropped = doc["messages"][6:]
+    doc["messages"] = doc["messages"][:6] + [dict(m, content="regenerated") for m in make_session(6)["messages"]]
+    server_write(tmp_path / f"{SID}.json", doc)
+    doc["messages"].append({"role": "user", "content": "next"})
+    g.save(SID, doc)
+    kept = [v for v in g.versions(SID) if v.count == 10]
+    assert kept, "the pin with the dropped messages was not kept"
+    assert orjson.loads(Path(kept[0].path).read_bytes())["messages"][6:] == dropped

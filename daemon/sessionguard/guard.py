@@ -219,7 +219,7 @@ class Guard:
         fd, st = fsutil.open_regular(path)
         try:
             prior = parse(fsutil.read_fd(fd, st, self.max_bytes, path), self.spec)
-            if pin is not None and is_loss(pin.count, prior.count):
+            if pin is not None and (is_loss(pin.count, prior.count) or self.store.overtaken(pin, prior, self.spec)):
                 self._keep_pin(sid, loss_reason(prior.count), None, pin.count, prior.count)
             if not is_loss(prior.count, new_count):
                 return None

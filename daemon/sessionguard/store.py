@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from typing import Iterator, Literal
 
 from . import fsutil
-from .count import DEFAULT_MAX_BYTES, CountSpec, StatKey, parse, stat_key
+from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, StatKey, parse, stat_key
 
 Reason = Literal["shrink", "unparseable", "deleted", "intended", "pre-restore"]
 Source = Literal["library", "daemon", "admin"]
@@ -459,10 +459,29 @@ class Store:
             fsutil.unlink_quietly(pin.path)
             fsutil.fsync_dir(os.path.dirname(pin.path))
 
-    def read_pin(self, pin: Pin, spec: CountSpec):
+    def read_pin(self, pin: Pin, spec: CountSpec) -> Parsed:
         """Parse the pin's content (for classification and intent keys)."""
         data, _ = fsutil.read_regular(pin.path, self.max_bytes)
         return parse(data, spec)
+
+    def overtaken(self, pin: Pin, new: Parsed, spec: CountSpec) -> bool:
+        """Did writes nobody saw drop some of the pin's messages, even if more
+        were added after (a shrink undone before anyone looked, e.g. while the
+        daemon was down)? True when *new* does not start with the pin's
+        messages. Costs a read of the pin: only for writes not seen one by one.
+        """
+        if not pin.count or not new.ok or new.messages is None:
+            return False
+        try:
+            old = self.read_pin(pin, spec)
+        except OSError:
+            return False
+        if old.messages is None:
+            return False
+        try:
+            return list(new.messages[: len(old.messages)]) != list(old.messages)
+        except RecursionError:
+            return True  # too deep to compare: keeping a version is the safe answer
 
     # -- versions ------------------------------------------------------------
 

@@ -211,11 +211,14 @@ class Tracker:
 
     # -- the decision --------------------------------------------------------
 
-    def evaluate(self, path: str) -> str:
+    def evaluate(self, path: str, *, unseen: bool = False) -> str:
         """Look at *path* now and act; returns what happened (for logs and tests).
 
         Never raises: every error is logged and counted, and leaves the old
-        pin in place.
+        pin in place. *unseen* (scans and reconciliation) says writes may
+        have happened that no event showed one by one: then a file that
+        has more messages but no longer starts with the pinned ones (a
+        shrink undone while the daemon was down) also keeps the pin.
         """
         found = self.watch_for(path)
         if found is None:
@@ -242,7 +245,7 @@ class Tracker:
         assert sid is not None
         try:
             with store.lock(sid, LOCK_TIMEOUT):
-                outcome = self._evaluate_locked(ws, store, sid, path)
+                outcome = self._evaluate_locked(ws, store, sid, path, unseen)
         except OSError as exc:
             self.bump("errors")
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
@@ -260,7 +263,7 @@ class Tracker:
                 self._degrade(f"store:{store.root}", None)
         return outcome
 
-    def _evaluate_locked(self, ws: WatchState, store: Store, sid: str, path: str) -> str:
+    def _evaluate_locked(self, ws: WatchState, store: Store, sid: str, path: str, unseen: bool) -> str:
         pin = store.pin(sid, tidy=True)
         try:
             lst = os.lstat(path)
@@ -294,7 +297,8 @@ class Tracker:
                                   skip_key(st))
             ws.skipped.pop(path, None)
             new = parse(fsutil.read_fd(fd, st, ws.cfg.max_file_bytes, path), ws.spec)
-            if pin is not None and is_loss(pin.count, new.count):
+            if pin is not None and (is_loss(pin.count, new.count)
+                                    or (unseen and store.overtaken(pin, new, ws.spec))):
                 self._keep(ws, sid, pin, new, new.doc)
             outcome = "new" if pin is None else _growth(pin.count, new.count)
             store.set_pin(sid, pin, fd, path, st, new.count, policy=ws.pin_policy)
@@ -390,10 +394,10 @@ class Tracker:
         for path, sid in ws.iter_files():
             if sid is not None:
                 seen.add(sid)
-            outcomes[self.evaluate(path)] += 1
+            outcomes[self.evaluate(path, unseen=True)] += 1
         for sid in store.sessions():
             if sid not in seen and store.pin(sid) is not None:
-                outcomes[self.evaluate(ws.path_for(sid))] += 1
+                outcomes[self.evaluate(ws.path_for(sid), unseen=True)] += 1
         self._summarise(ws)
         result = dict(outcomes, files=len(seen), duration_ms=int((time.monotonic() - started) * 1000))
         self.log.info("scan.completed", watch=ws.root, sessions=len(ws.files), **result)
@@ -439,10 +443,10 @@ class Tracker:
             if now - st.st_mtime < SETTLE_SECONDS:
                 continue
             changed += 1
-            self.evaluate(path)
+            self.evaluate(path, unseen=True)
         for sid in [s for s in set(ws.files) | ws.failing if s not in present]:
             changed += 1
-            self.evaluate(ws.path_for(sid))
+            self.evaluate(ws.path_for(sid), unseen=True)
         self.bump("reconciliations")
         with self._stats_lock:
             self.stats.last_reconcile = time.time()
