@@ -121,6 +121,20 @@ def test_library_and_daemon_keep_a_name_with_percent_in_one_folder(sdir, daemons
     d.assert_alive()
 
 
+def test_sync_cookies_of_a_killed_daemon_are_removed_at_start(sdir, daemons) -> None:
+    from sessionguard.fsutil import TMP_MARK
+    from sessionguard.watch import COOKIE_PREFIX
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    left = sdir / f"{COOKIE_PREFIX}{TMP_MARK}{dead}-7"  # what a daemon killed during sync leaves
+    left.touch()
+    d = daemons("--watch", str(sdir))
+    assert not left.exists()
+    d.sync()  # and its own cookies still work (and are gone after)
+    assert not [n for n in os.listdir(sdir) if n.startswith(COOKIE_PREFIX)]
+
+
 def test_growing_writes_keep_no_version(sdir, daemons) -> None:
     d = daemons("--watch", str(sdir))
     for n in (1, 5, 50, 500):

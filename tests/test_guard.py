@@ -339,3 +339,19 @@ def test_a_foreign_shrink_regrown_before_the_next_save_keeps_the_lost_messages(t
     kept = [v for v in g.versions(SID) if v.count == 10]
     assert kept, "the pin with the dropped messages was not kept"
     assert orjson.loads(Path(kept[0].path).read_bytes())["messages"][6:] == dropped
+
+
+def test_an_in_place_rewrite_of_a_link_pinned_file_is_reported_not_mislabelled(tmp_path: Path, caplog) -> None:
+    """The guard's pin is a hard link to the live file: a foreign in-place write rewrites
+    it too. The store must not keep those bytes as the pinned 10-message version, and
+    start-up recovery must not 'restore' them."""
+    g = Guard(tmp_path)
+    g.save(SID, make_session(10))
+    with open(tmp_path / f"{SID}.json", "r+b") as f:  # an editor or a second tool, in place
+        f.truncate(0)
+        f.write(orjson.dumps(make_session(0)))
+    with caplog.at_level("ERROR", logger="sessionguard"):
+        report = g.recover_on_startup()
+    assert not report.restored
+    assert all(v.count == count_of(v.path) for v in g.versions(SID)), "a version's label must match its bytes"
+    assert any(getattr(r, "sg_event", None) == "pin.overwritten" for r in caplog.records)

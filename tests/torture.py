@@ -69,7 +69,7 @@ BURST_WEIGHTS = {"append": 85, "truncate": 3, "regenerate": 3, "wipe": 2, "corru
 LOSS_OPS = ("truncate", "regenerate", "wipe", "corrupt", "delete")
 INTENT_KEY = "intentional_shrink_generation"  # one of config.DEFAULT_INTENT_KEYS
 TMP_MARK = ".tmp-sg-"  # the store's tmp-file marker (fsutil.TMP_MARK)
-COOKIE_PREFIX = ".sessionguard-sync-"  # the daemon's sync cookies (watch.COOKIE_PREFIX)
+COOKIE_PREFIX = ".sessionguard-sync"  # the daemon's sync cookies (watch.COOKIE_PREFIX)
 _PIN_RE = re.compile(r"^pin\.\d+\.(?:link|reflink|copy)\.(?:\d+|x)\.(\d+)\.(\d+)\.(\d+)\.(\d+)$")
 #: No retention during a run: thinning is a deliberate policy (tested on its own) that
 #: the oracle could not tell from a loss.
@@ -348,7 +348,8 @@ def tmp_files(dirs: list[Path], owners: set[int] | None = None) -> list[str]:
 
 def cookies_of(sdir: Path, owners: set[int]) -> list[str]:
     return [n for n in os.listdir(sdir)
-            if n.startswith(COOKIE_PREFIX) and n[len(COOKIE_PREFIX):].partition("-")[0] in {str(p) for p in owners}]
+            if n.startswith(COOKIE_PREFIX)
+            and n[len(COOKIE_PREFIX):].removeprefix(TMP_MARK).partition("-")[0] in {str(p) for p in owners}]
 
 
 def store_usage(store: Path) -> dict[str, int]:

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -40,6 +41,8 @@ from typing import Iterator, Literal
 
 from . import fsutil
 from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, StatKey, parse, stat_key
+
+log = logging.getLogger("sessionguard")
 
 Reason = Literal["shrink", "unparseable", "deleted", "intended", "pre-restore"]
 Source = Literal["library", "daemon", "admin"]
@@ -512,12 +515,24 @@ class Store:
     def keep_pin(self, sid: str, reason: Reason, source: Source) -> Version | None:
         """Turn the session's pin into a durable version (zero-copy: a hard
         link to the pin's inode). Returns the existing version when the same
-        bytes were already kept. Caller holds the lock."""
+        bytes were already kept. Caller holds the lock.
+
+        A hard-link pin shares the live file's inode: a writer that rewrote
+        that file in place rewrote the pin too. Then the pinned version is
+        gone, and keeping those bytes under the pin's message count would be a
+        lie that start-up recovery would "restore": None is returned and the
+        loss is logged (``pin.overwritten``) instead.
+        """
         pin = self.pin(sid, tidy=True)
         if pin is None:
             return None
         fd, st = fsutil.open_regular(pin.path)
         try:
+            if st.st_ino == pin.key[1] and (st.st_size, st.st_mtime_ns) != pin.key[2:]:
+                log.error("pin.overwritten sid=%s count=%s: the pinned file was rewritten in place through "
+                          "its other name; that version is lost (use copy or reflink pins for in-place writers)",
+                          sid, pin.count, extra={"sg_event": "pin.overwritten", "sid": sid})
+                return None
             return self._keep(sid, fd, pin.path, st, pin.count, reason, source, pin.method, link=True)
         finally:
             os.close(fd)

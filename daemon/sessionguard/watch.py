@@ -43,10 +43,13 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
+from . import fsutil
 from .tracker import Tracker, WatchState
 
 #: Name prefix of ``sync`` cookie files (hidden: never a session, never the server's).
-COOKIE_PREFIX = ".sessionguard-sync-"
+#: The rest of the name is fsutil's tmp mark and our pid, so the start-up scan's
+#: tmp sweep removes the cookies of a daemon killed in the middle of a ``sync``.
+COOKIE_PREFIX = ".sessionguard-sync"
 _EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent, DirDeletedEvent, DirMovedEvent]
 
 
@@ -220,7 +223,7 @@ class Watcher:
         """
         waits: list[tuple[str, threading.Event]] = []
         for root in roots:
-            path = os.path.join(root, f"{COOKIE_PREFIX}{os.getpid()}-{next(self._cookie_ids)}")
+            path = os.path.join(root, f"{COOKIE_PREFIX}{fsutil.TMP_MARK}{os.getpid()}-{next(self._cookie_ids)}")
             done = threading.Event()
             with self._cookie_lock:
                 self._cookies[path] = done
