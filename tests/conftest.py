@@ -13,6 +13,7 @@ import pytest
 
 import sessionguard
 from sghelpers import IS_ROOT
+from daemonproc import DaemonProc
 from sgbackend import rmtree, short_tmpdir
 
 
@@ -31,6 +32,31 @@ def tmpfs(tmp_path):
     yield mount
     for mp in reversed(mounts):
         subprocess.run(["umount", "-l", mp], check=False)
+
+
+# -- the real daemon over a session directory ------------------------------------
+
+@pytest.fixture
+def sdir(tmp_path: Path) -> Path:
+    """An empty session directory."""
+    d = tmp_path / "sessions"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def daemons(tmp_path: Path):
+    """Start real daemons with ``daemons(*args, wait=True, cls=DaemonProc, **kw)``; all are stopped after."""
+    started: list[DaemonProc] = []
+
+    def start(*args: str, wait: bool = True, cls: type[DaemonProc] = DaemonProc, **kw) -> DaemonProc:
+        d = cls(tmp_path, list(args), **kw)
+        started.append(d)
+        return d.started() if wait else d
+
+    yield start
+    for d in started:
+        d.stop()
 
 
 # -- throwaway users for authorisation tests (root only) ---------------------------

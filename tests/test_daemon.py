@@ -21,27 +21,6 @@ from sghelpers import make_session, needs_root, server_write
 SID = "abc123def456"
 
 
-@pytest.fixture
-def sdir(tmp_path: Path) -> Path:
-    d = tmp_path / "sessions"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def daemons(tmp_path: Path):
-    started: list[DaemonProc] = []
-
-    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True, **kw) -> DaemonProc:
-        d = DaemonProc(tmp_path, list(args), env=env, **kw)
-        started.append(d)
-        return d.started() if wait else d
-
-    yield start
-    for d in started:
-        d.stop()
-
-
 def versions(sdir: Path, sid: str = SID):
     return Guard(sdir).versions(sid)
 

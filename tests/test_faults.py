@@ -33,27 +33,6 @@ from sghelpers import make_session, needs_root, server_write
 SID = "abc123def456"
 
 
-@pytest.fixture
-def sdir(tmp_path: Path) -> Path:
-    d = tmp_path / "sessions"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def daemons(tmp_path: Path):
-    started: list[DaemonProc] = []
-
-    def start(*args: str, wait: bool = True, cls: type[DaemonProc] = DaemonProc, **kw) -> DaemonProc:
-        d = cls(tmp_path, list(args), **kw)
-        started.append(d)
-        return d.started() if wait else d
-
-    yield start
-    for d in started:
-        d.stop()
-
-
 # -- helpers -----------------------------------------------------------------------
 
 
@@ -82,6 +61,21 @@ def dump(doc: object) -> bytes:
 
 def tmp_leftovers(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if ".tmp-sg-" in p.name]
+
+
+def store_on_tmpfs(sdir: Path, tmp_path: Path, tmpfs, daemons, size: str = "2m", extra: str = "",
+                   doc: dict | None = None) -> tuple[DaemonProc, Path, Path]:
+    """A 1000-message session (or *doc*), and a daemon whose store is on a *size* tmpfs
+    (``extra``: more TOML keys for the watch), reconciling every second, with the session
+    pinned. Returns (daemon, mountpoint, store)."""
+    mp = tmpfs(size)
+    store = mp / "store"
+    cfg = tmp_path / "sg.toml"
+    cfg.write_text(f'[[watch]]\npath = "{sdir}"\nstore = "{store}"\n{extra}')
+    server_write(sdir / f"{SID}.json", doc if doc is not None else make_session(1000))
+    d = daemons("--config", str(cfg), "--reconcile-interval", "1")
+    pinned(store, 1000 if doc is None else len(doc["messages"]))
+    return d, mp, store
 
 
 def fill(mp: Path) -> Path:
@@ -124,14 +118,9 @@ def test_full_store_keeps_the_last_good_version_and_recovers_by_itself(sdir, tmp
     """The store fills up: degraded (status and log), the 1000-message version is kept
     and never pruned (keep_last 1, a 1-byte cap), and once space returns the periodic
     reconcile re-pins the session with no new write to it."""
-    mp = tmpfs("2m")
-    store = mp / "store"
-    cfg = tmp_path / "sg.toml"
-    cfg.write_text(f'[[watch]]\npath = "{sdir}"\nstore = "{store}"\nkeep_last = 1\nmax_store_bytes = 1\n')
     big = make_session(1000)
-    server_write(sdir / f"{SID}.json", big)
-    d = daemons("--config", str(cfg), "--reconcile-interval", "1")
-    pinned(store, 1000)
+    d, mp, store = store_on_tmpfs(sdir, tmp_path, tmpfs, daemons, extra="keep_last = 1\nmax_store_bytes = 1\n",
+                                  doc=big)
     filler = fill(mp)
     try:
         server_write(sdir / f"{SID}.json", make_session(0))  # the wipe, while the store is full
@@ -194,13 +183,7 @@ def test_store_full_at_start_is_reported_once_and_watched_when_space_returns(sdi
 
 @needs_root
 def test_full_store_logs_the_shrink_once_however_often_it_retries(sdir, tmp_path, tmpfs, daemons) -> None:
-    mp = tmpfs("2m")
-    store = mp / "store"
-    cfg = tmp_path / "sg.toml"
-    cfg.write_text(f'[[watch]]\npath = "{sdir}"\nstore = "{store}"\n')
-    server_write(sdir / f"{SID}.json", make_session(1000))
-    d = daemons("--config", str(cfg), "--reconcile-interval", "1")
-    pinned(store, 1000)
+    d, mp, store = store_on_tmpfs(sdir, tmp_path, tmpfs, daemons)
     filler = fill(mp)
     try:
         server_write(sdir / f"{SID}.json", make_session(0))
@@ -214,13 +197,7 @@ def test_full_store_logs_the_shrink_once_however_often_it_retries(sdir, tmp_path
 
 @needs_root
 def test_full_store_degraded_clears_when_the_failing_session_is_deleted(sdir, tmp_path, tmpfs, daemons) -> None:
-    mp = tmpfs("2m")
-    store = mp / "store"
-    cfg = tmp_path / "sg.toml"
-    cfg.write_text(f'[[watch]]\npath = "{sdir}"\nstore = "{store}"\n')
-    server_write(sdir / f"{SID}.json", make_session(1000))
-    d = daemons("--config", str(cfg), "--reconcile-interval", "1")
-    pinned(store, 1000)
+    d, mp, store = store_on_tmpfs(sdir, tmp_path, tmpfs, daemons)
     filler = fill(mp)
     try:
         server_write(sdir / f"{SID}.json", make_session(0))
@@ -239,14 +216,8 @@ def test_full_store_degraded_clears_when_the_failing_session_is_deleted(sdir, tm
 @needs_root
 def test_read_only_store_degrades_and_keeps_the_version_once_writable(sdir, tmp_path, tmpfs, daemons) -> None:
     """chmod does not stop root: the store's filesystem is remounted read-only."""
-    mp = tmpfs("4m")
-    store = mp / "store"
-    cfg = tmp_path / "sg.toml"
-    cfg.write_text(f'[[watch]]\npath = "{sdir}"\nstore = "{store}"\n')
     big = make_session(1000)
-    server_write(sdir / f"{SID}.json", big)
-    d = daemons("--config", str(cfg), "--reconcile-interval", "1")
-    pinned(store, 1000)
+    d, mp, store = store_on_tmpfs(sdir, tmp_path, tmpfs, daemons, size="4m", doc=big)
     mount("-o", "remount,ro", str(mp))
     try:
         server_write(sdir / f"{SID}.json", make_session(0))
