@@ -386,7 +386,8 @@ def cmd_sync(args: argparse.Namespace, r: dict[str, Any]) -> int:
     if r.get("synced"):
         _out("synced: every change made before this call has been processed")
         return EXIT_OK
-    _out(f"not synced within {args.sync_timeout:g} s: the daemon is still catching up")
+    _out(f"not synced within {args.sync_timeout:g} s: the daemon is still catching up, or a watch is "
+         "polled because inotify refused it (see the watches' \"inotify\" in status)")
     return EXIT_FAILED
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import orjson
 import structlog
+from structlog.processors import CallsiteParameter
 
 Processor = Callable[[Any, str, dict[str, Any]], Any]
 
@@ -68,6 +69,11 @@ def configure(fmt: str, level: str, *, journal_renderer: Processor | None = None
         if journal_renderer is None:
             raise ValueError("journal logging needs the systemd renderer")
         processors = shared + [
+            # journald's CODE_FILE/CODE_LINE/CODE_FUNC: the line that logged, not the renderer
+            # (stdlib records forwarded by _ToStructlog resolve to their caller, past logging).
+            structlog.processors.CallsiteParameterAdder(
+                {CallsiteParameter.PATHNAME, CallsiteParameter.LINENO, CallsiteParameter.FUNC_NAME},
+                additional_ignores=["logging", __name__]),
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
             _retry_printable(journal_renderer),
         ]

@@ -100,6 +100,9 @@ def journal_renderer(_logger: Any, method: str, event: dict[str, Any]) -> Any:
     level = str(event.pop("level", method))
     event.pop("timestamp", None)
     fields: dict[str, Any] = {"SESSIONGUARD_EVENT": name, "PRIORITY": _PRIORITY.get(level, 6)}
+    # The call site (CallsiteParameterAdder); journal.send would otherwise record this function.
+    code = {"CODE_FILE": event.pop("pathname", None), "CODE_LINE": event.pop("lineno", None),
+            "CODE_FUNC": event.pop("func_name", None)}
     if name in MESSAGE_IDS:
         fields["MESSAGE_ID"] = MESSAGE_IDS[name]
     summary = [name]
@@ -107,5 +110,5 @@ def journal_renderer(_logger: Any, method: str, event: dict[str, Any]) -> Any:
         jkey = _RENAMES.get(key) or "SESSIONGUARD_" + "".join(c if c.isalnum() else "_" for c in key.upper())
         fields[jkey] = value if isinstance(value, (str, int, float)) else repr(value)
         summary.append(f"{key}={value}")
-    journal.send(" ".join(summary), SYSLOG_IDENTIFIER="sessionguard", **fields)
+    journal.send(" ".join(summary), SYSLOG_IDENTIFIER="sessionguard", **code, **fields)
     raise structlog.DropEvent

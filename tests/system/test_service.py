@@ -225,6 +225,8 @@ def test_wipe_is_journaled_with_structured_fields(box):
     assert e["SYSLOG_IDENTIFIER"] == "sessionguard"
     assert e["_SYSTEMD_UNIT"] == UNIT and e["_PID"] == main_pid
     assert e["_TRANSPORT"] == "journal"  # native protocol, not a stdout line
+    # the line that logged it, not the journal renderer
+    assert e["CODE_FILE"].endswith("sessionguard/tracker.py") and e["CODE_FUNC"] == "_keep", e
     kept = eventually(lambda: journal_json(c, "MESSAGE_ID=2c4e6a8b0d1f4e3a9c7b5d3f1e0a2c4b"), 10, "version.kept")
     assert kept[-1]["SESSIONGUARD_SESSION"] == SID
     # and the version is really there, readable through the control socket
