@@ -175,7 +175,7 @@ class Daemon:
             self._inotify_refused(ws, refused)
         if not initial:
             self.log.info("watch.restored", **self._describe(ws))
-        self.tracker._degrade(f"watch:{ws.root}", None)
+        self.tracker.degrade(f"watch:{ws.root}", None)
         self._log_pin_caveats(ws)
 
     def _schedule(self, ws: WatchState) -> OSError | None:
@@ -197,7 +197,7 @@ class Daemon:
                            action=f"polling: files are compared with their pins every "
                                   f"{self.cfg.reconcile_interval:g} s; the watch is retried every "
                                   f"{ROOT_CHECK_SECONDS:g} s")
-        self.tracker._degrade(f"inotify:{ws.root}", why)
+        self.tracker.degrade(f"inotify:{ws.root}", why)
 
     def _retry_inotify(self, ws: WatchState) -> None:
         """A polled directory: try the inotify watch again; once it holds, rescan what polling may have missed."""
@@ -206,7 +206,7 @@ class Daemon:
             self._inotify_refused(ws, refused)
             return
         self.log.info("watch.restored", **self._describe(ws))
-        self.tracker._degrade(f"inotify:{ws.root}", None)
+        self.tracker.degrade(f"inotify:{ws.root}", None)
         self.tracker.scan(ws)
 
     def _bring_up_failed(self, ws: WatchState, exc: Exception) -> None:
@@ -225,7 +225,7 @@ class Daemon:
                 self.log.error("watch.failed", errno=exc.errno, **fields)
             else:
                 self.log.exception("watch.failed", **fields)
-        self.tracker._degrade(f"watch:{ws.root}", why)
+        self.tracker.degrade(f"watch:{ws.root}", why)
 
     def _log_pin_caveats(self, ws: WatchState) -> None:
         """One line when the pins are not what the config suggests: hard links impossible, or risky."""
@@ -379,8 +379,8 @@ class Daemon:
         self.log.error("watch.removed", watch=ws.root, why=why,
                        hint="watched again as soon as a directory is there (checked every second)")
         if self._polled.pop(ws.root, None) is not None:
-            self.tracker._degrade(f"inotify:{ws.root}", None)
-        self.tracker._degrade(f"watch:{ws.root}", f"{ws.root}: {why}")
+            self.tracker.degrade(f"inotify:{ws.root}", None)
+        self.tracker.degrade(f"watch:{ws.root}", f"{ws.root}: {why}")
 
     def healthy(self, stall_seconds: float) -> tuple[bool, str]:
         ok, why = self.watcher.healthy(stall_seconds)

@@ -192,7 +192,9 @@ class Tracker:
         with self._stats_lock:
             setattr(self.stats, name, getattr(self.stats, name) + n)
 
-    def _degrade(self, key: str, why: str | None) -> None:
+    def degrade(self, key: str, why: str | None) -> None:
+        """Mark *key* (``store:…``, ``watch:…``, ``inotify:…``) degraded for *why*, or
+        clear it (None); logs only changes, so a retry loop does not flood the log."""
         with self._stats_lock:
             if why is None:
                 if self.stats.degraded.pop(key, None) is not None:
@@ -250,7 +252,7 @@ class Tracker:
             self.bump("errors")
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
                 ws.failing.add(sid)
-                self._degrade(f"store:{store.root}", f"{os.strerror(exc.errno or 0)} writing the store")
+                self.degrade(f"store:{store.root}", f"{os.strerror(exc.errno or 0)} writing the store")
             self.log.error("pin.failed", watch=ws.root, sid=sid, path=path, error=str(exc), errno=exc.errno)
             return "error"
         except StoreError as exc:
@@ -260,7 +262,7 @@ class Tracker:
         if sid in ws.failing:  # pinned, deleted or skipped: nothing is pending for it any more
             ws.failing.discard(sid)
             if not ws.failing:
-                self._degrade(f"store:{store.root}", None)
+                self.degrade(f"store:{store.root}", None)
         return outcome
 
     def _evaluate_locked(self, ws: WatchState, store: Store, sid: str, path: str, unseen: bool) -> str:
