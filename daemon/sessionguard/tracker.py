@@ -322,6 +322,9 @@ class Tracker:
         """The write lost messages: make the pin a durable version, then log it."""
         store = ws.store
         assert store is not None
+        tracked = ws.files.get(sid)
+        if tracked is not None and tracked.kept_seq == pin.seq:
+            return  # kept by an earlier attempt whose new pin could not be written
         try:
             old = store.read_pin(pin, ws.spec)
         except OSError:
@@ -335,9 +338,6 @@ class Tracker:
             # Messages nested ~1000 deep (orjson parses up to 1024) are too deep
             # for Python to compare: the version is kept all the same.
             cls = "rewrite"
-        tracked = ws.files.get(sid)
-        if tracked is not None and tracked.kept_seq == pin.seq:
-            return  # kept by an earlier attempt whose new pin could not be written
         version = store.keep_pin(sid, reason, "daemon")
         if tracked is not None:
             tracked.kept_seq = pin.seq
