@@ -46,11 +46,11 @@ def sdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def daemons(tmp_path: Path):
-    """Start real daemons with ``daemons(*args, wait=True, cls=DaemonProc, **kw)``; all are stopped after."""
+    """Start real daemons with ``daemons(*args, wait=True, **kw)`` (kw: DaemonProc's); all are stopped after."""
     started: list[DaemonProc] = []
 
-    def start(*args: str, wait: bool = True, cls: type[DaemonProc] = DaemonProc, **kw) -> DaemonProc:
-        d = cls(tmp_path, list(args), **kw)
+    def start(*args: str, wait: bool = True, **kw) -> DaemonProc:
+        d = DaemonProc(tmp_path, list(args), **kw)
         started.append(d)
         return d.started() if wait else d
 

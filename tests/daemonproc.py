@@ -31,7 +31,9 @@ class DaemonProc:
     """A sessionguardd process with its log captured to a file."""
 
     def __init__(self, workdir: Path, args: list[str], env: dict[str, str] | None = None,
-                 user: tuple[int, int] | None = None) -> None:
+                 user: tuple[int, int] | None = None, wrap: list[str] | None = None) -> None:
+        """*user* runs it as (uid, gid) with no groups; *wrap* is a command that
+        execs its arguments (e.g. into a namespace), so the pid stays the daemon's."""
         self.workdir = workdir
         self.socket = str(workdir / "sg.sock")
         self.logfile = workdir / f"daemon-{time.monotonic_ns()}.log"
@@ -42,6 +44,7 @@ class DaemonProc:
         cmd = [sys.executable, "-m", "sessionguard.daemon", "--log-format", "json", "--socket", self.socket, *args]
         if user is not None:
             cmd = ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups", *cmd]
+        cmd = [*(wrap or []), *cmd]
         self._log = open(self.logfile, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
 

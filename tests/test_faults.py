@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -297,28 +296,16 @@ KNOBS = {"watches": ("user.max_inotify_watches", "fs.inotify.max_user_watches", 
          "instances": ("user.max_inotify_instances", "fs.inotify.max_user_instances", errno.EMFILE)}
 
 
-class NsDaemonProc(DaemonProc):
-    """The daemon as root of a user namespace of its own, with one inotify limit set to 0."""
+def in_user_namespace(knob: str) -> list[str]:
+    """A command prefix: run as root of a user namespace of its own, with the
+    inotify limit *knob* (``user.max_inotify_…``) set to 0 there; exec keeps the pid."""
+    return ["unshare", "--user", "--map-root-user", "sh", "-c",
+            f'echo 0 > /proc/sys/{knob.replace(".", "/")} && exec "$@"', "sh"]
 
-    knob = ""
 
-    def __init__(self, workdir: Path, args: list[str], **kw) -> None:
-        self.workdir = workdir
-        self.socket = str(workdir / "sg.sock")
-        self.logfile = workdir / f"daemon-{time.monotonic_ns()}.log"
-        self.args = args
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("NOTIFY_SOCKET", None)
-        daemon = [sys.executable, "-m", "sessionguard.daemon", "--log-format", "json", "--socket", self.socket, *args]
-        set_limit = f'echo 0 > /proc/sys/{self.knob.replace(".", "/")} && exec "$@"'
-        self._log = open(self.logfile, "wb")  # noqa: SIM115 - closed by stop()/kill()
-        # unshare and sh exec: the pid is the daemon's
-        self.proc = subprocess.Popen(["unshare", "--user", "--map-root-user", "sh", "-c", set_limit, "sh", *daemon],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def raise_limit(self, value: int = 1000) -> None:
-        subprocess.run(["nsenter", "-t", str(self.proc.pid), "--user", "sh", "-c",
-                        f"echo {value} > /proc/sys/{self.knob.replace('.', '/')}"], check=True, timeout=60)
+def raise_limit(d: DaemonProc, knob: str, value: int = 1000) -> None:
+    subprocess.run(["nsenter", "-t", str(d.proc.pid), "--user", "sh", "-c",
+                    f"echo {value} > /proc/sys/{knob.replace('.', '/')}"], check=True, timeout=60)
 
 
 @needs_root
@@ -331,8 +318,7 @@ def test_inotify_limit_exhausted_polls_then_watches_when_raised(sdir, daemons, l
         pytest.skip("needs unshare and nsenter (util-linux)")
     ns_knob, sysctl, err = KNOBS[limit]
     server_write(sdir / f"{SID}.json", make_session(1000))
-    cls = type("Ns", (NsDaemonProc,), {"knob": ns_knob})
-    d = daemons("--watch", str(sdir), "--reconcile-interval", "1", cls=cls)
+    d = daemons("--watch", str(sdir), "--reconcile-interval", "1", wrap=in_user_namespace(ns_knob))
     ev = d.wait_event("watch.failed")
     assert ev["level"] == "error" and ev["errno"] == err and sysctl in ev["hint"], ev
     assert "polling" in ev["action"]
@@ -351,7 +337,7 @@ def test_inotify_limit_exhausted_polls_then_watches_when_raised(sdir, daemons, l
     assert kept(sdir / ".sessionguard", 30, "new").reason == "shrink"
     assert status(d)["events"] == 0, "no inotify event can have arrived: the watch really failed"
     d.assert_alive()
-    d.raise_limit()
+    raise_limit(d, ns_knob)
     restored = d.wait_event("watch.restored")
     assert restored["inotify"] is True
     d.wait_event("degraded.cleared", lambda e: e["component"] == f"inotify:{sdir}")
