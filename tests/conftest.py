@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 import sessionguard
-from sghelpers import IS_ROOT
 from daemonproc import DaemonProc
-from sgbackend import rmtree, short_tmpdir
+from sghelpers import IS_ROOT, rmtree, short_tmpdir
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -64,3 +66,12 @@ def snapshot(directory: str | os.PathLike[str]) -> dict[str, tuple[str, int, int
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mount/sysctl/other users)")
+
+
+def short_tmpdir(prefix: str = "sg") -> str:
+    """A short directory in /tmp (sun_path is 108 bytes; pytest's tmp_path can be longer)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def rmtree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

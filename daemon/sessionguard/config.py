@@ -14,7 +14,11 @@ from typing import Any
 
 from .count import DEFAULT_MAX_BYTES, CountSpec
 from .paths import default_socket_path
-from .store import PIN_POLICIES, STORE_DIRNAME, Retention
+from .retention import Retention
+from .store import STORE_DIRNAME
+
+PIN_POLICIES = ("auto", "copy", "link")
+STORE_OWNERS = ("daemon", "directory")
 
 DEFAULT_CONFIG_FILE = "/etc/sessionguard/sessionguard.toml"
 DEFAULT_EXCLUDE = ("_*", ".*", "*.tmp*", "*.bak*")
@@ -48,6 +52,7 @@ class WatchConfig:
     intent_keys: tuple[str, ...] = DEFAULT_INTENT_KEYS
     store: str = ""
     pin: str = "auto"
+    store_owner: str = "daemon"
     max_file_bytes: int = DEFAULT_MAX_BYTES
     retention: Retention = field(default_factory=Retention)
 
@@ -89,6 +94,7 @@ _WATCH_KEYS: dict[str, type | tuple[type, ...]] = {
     "intent_keys": list,
     "store": str,
     "pin": str,
+    "store_owner": str,
     "max_file_bytes": int,
     "keep_last": int,
     "max_age_days": (int, float),
@@ -117,6 +123,8 @@ def _watch(raw: dict[str, Any], where: str, source: str) -> WatchConfig:
     for key in ("exclude", "intent_keys"):
         if key in raw and not all(isinstance(x, str) for x in raw[key]):
             raise ConfigError(f"{source}: {where}{key} must be a list of strings")
+    if raw.get("store_owner", "daemon") not in STORE_OWNERS:
+        raise ConfigError(f"{source}: {where}store_owner must be one of {', '.join(STORE_OWNERS)}")
     if raw.get("pin", "auto") not in PIN_POLICIES:
         raise ConfigError(f"{source}: {where}pin must be one of {', '.join(PIN_POLICIES)}")
     try:
@@ -142,6 +150,7 @@ def _watch(raw: dict[str, Any], where: str, source: str) -> WatchConfig:
         intent_keys=tuple(raw.get("intent_keys", DEFAULT_INTENT_KEYS)),
         store=os.path.abspath(os.path.expanduser(store)) if store else "",
         pin=raw.get("pin", "auto"),
+        store_owner=raw.get("store_owner", "daemon"),
         max_file_bytes=raw.get("max_file_bytes", DEFAULT_MAX_BYTES),
         retention=retention,
     )

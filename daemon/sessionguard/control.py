@@ -61,8 +61,9 @@ import socket
 import stat
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -423,7 +424,7 @@ class ControlServer:
             fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
             try:
                 fut.result(self.stop_grace + 5)
-            except Exception:  # noqa: BLE001 - stopping must not raise
+            except Exception:
                 pass
             loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
@@ -433,7 +434,7 @@ class ControlServer:
                 pool.shutdown(wait=False, cancel_futures=True)
         self._cleanup_socket()
 
-    def __enter__(self) -> "ControlServer":
+    def __enter__(self) -> ControlServer:
         self.start()
         return self
 
@@ -531,7 +532,7 @@ class ControlServer:
             try:
                 self._server = loop.run_until_complete(
                     asyncio.start_unix_server(self._on_client, sock=self._listen, limit=65536, backlog=512))
-            except BaseException as exc:  # noqa: BLE001 - reported to start()
+            except BaseException as exc:
                 failure.append(exc)
                 ready.set()
                 return
@@ -569,7 +570,7 @@ class ControlServer:
             try:
                 writer.write(_response(None, error=(BUSY, "server busy: too many connections; try again", None)))
                 await asyncio.wait_for(writer.drain(), 1.0)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 pass
             finally:
                 writer.close()
@@ -585,7 +586,7 @@ class ControlServer:
             pass
         except (ConnectionError, BrokenPipeError):
             pass
-        except Exception as exc:  # noqa: BLE001 - one client must never take the server down
+        except Exception as exc:
             self.log.error("control.error", method=None, error=repr(exc))
         finally:
             self._active -= 1
@@ -609,7 +610,7 @@ class ControlServer:
                     deadline = loop.time() + self.idle_timeout
                 try:
                     chunk = await asyncio.wait_for(reader.read(65536), max(deadline - loop.time(), 0.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self.log.info("control.client_dropped", reason="timeout", uid=peer.uid, pid=peer.pid)
                     return
                 if not chunk:  # EOF: a last line without newline still counts
@@ -638,7 +639,7 @@ class ControlServer:
                     writer.write(out)
                     try:
                         await asyncio.wait_for(writer.drain(), self.idle_timeout)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         self.log.info("control.client_dropped", reason="timeout", uid=peer.uid, pid=peer.pid)
                         return
             finally:
@@ -649,7 +650,7 @@ class ControlServer:
         writer.write(_response(None, error=(INVALID_REQUEST, f"request line over {_human_limit(self.max_line)}", None)))
         try:
             await asyncio.wait_for(writer.drain(), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     # -- requests --------------------------------------------------------------
@@ -722,7 +723,7 @@ class ControlServer:
             # it is not a bug in the daemon.
             raise RpcError(STORE_ERROR, f"{method} failed: {exc.strerror or exc}"
                            + (f": {exc.filename}" if exc.filename else "")) from None
-        except Exception as exc:  # noqa: BLE001 - reported, never raised into the loop
+        except Exception as exc:
             if _is_too_deep(exc):
                 raise RpcError(UNPROCESSABLE, _too_deep(method, exc)) from None
             self.log.error("control.error", method=method, error=repr(exc), uid=peer.uid, pid=peer.pid)

@@ -14,8 +14,9 @@ import shutil
 import socket
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -87,7 +88,7 @@ def call(path: str, method: str, params: dict[str, Any] | None = None, *, timeou
                 if not chunk:
                     break
                 buf += chunk
-        except socket.timeout:
+        except TimeoutError:
             raise Unreachable(f"{path}: no answer within {timeout:g} s") from None
         except OSError as exc:
             if b"\n" not in buf:
@@ -127,13 +128,13 @@ def _to_datetime(value: Any) -> datetime | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, timezone.utc)
+        return datetime.fromtimestamp(value, UTC)
     if isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             return None
-        return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+        return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
     return None
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import structlog
@@ -84,14 +85,30 @@ def configure(fmt: str, level: str, *, journal_renderer: Processor | None = None
             structlog.processors.JSONRenderer(serializer=_dumps),
         ]
         factory = structlog.BytesLoggerFactory(file=sys.stdout.buffer)
+    set_level(level)
     structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        processors=[_threshold, *processors],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     _forward_stdlib_logging(_LEVELS[level])
     return structlog.get_logger("sessionguard")
+
+
+_threshold_level = [logging.INFO]
+
+
+def set_level(level: str) -> None:
+    """Change the log level of a running daemon (a reload applies ``log_level`` at once)."""
+    _threshold_level[0] = _LEVELS[level]
+    logging.getLogger().setLevel(max(_LEVELS[level], logging.INFO))
+
+
+def _threshold(_logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _LEVELS.get(method, logging.ERROR) < _threshold_level[0]:
+        raise structlog.DropEvent
+    return event
 
 
 def printable(value: Any) -> Any:
@@ -142,7 +159,7 @@ class _ToStructlog(logging.Handler):
             method = {logging.DEBUG: log.debug, logging.INFO: log.info, logging.WARNING: log.warning}.get(
                 record.levelno, log.error)
             method(event, message=record.getMessage())
-        except Exception:  # noqa: BLE001 - logging must never take the daemon down
+        except Exception:
             self.handleError(record)
 
 
