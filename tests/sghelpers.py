@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -75,3 +76,64 @@ def short_tmpdir(prefix: str = "sg") -> str:
 
 def rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def store_of(sdir: str | os.PathLike[str]) -> Path:
+    """The default store of a session directory."""
+    return Path(sdir) / ".sessionguard"
+
+
+def pin_count(sdir: str | os.PathLike[str], sid: str, *, store: str | os.PathLike[str] | None = None) -> int | None:
+    """Messages in *sid*'s pin (read here, not from any name), or None when it has no pin."""
+    path = Path(store or store_of(sdir)) / "pins" / sid
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return len(orjson.loads(data)["messages"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return -1
+
+
+def version_files(sdir: str | os.PathLike[str], sid: str, *, store: str | os.PathLike[str] | None = None) -> list[Path]:
+    """*sid*'s version files in the store, oldest first (names sort by time)."""
+    folder = Path(store or store_of(sdir)) / "sessions" / sid
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(".version"))
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A version file as a test finds it on disk (its name parsed, its path known)."""
+
+    path: Path
+    id: str
+    count: int | None
+    reason: str
+    source: str
+    method: str
+    name: str
+
+
+def store_versions(store: str | os.PathLike[str], sid: str) -> list[OnDisk]:
+    """*sid*'s versions in *store*, read from the directory itself, oldest first."""
+    from sessionguard.naming import parse_version_name
+
+    folder = Path(store) / "sessions" / sid
+    out = []
+    for p in sorted(folder.glob("*.version")) if folder.is_dir() else []:
+        v = parse_version_name(sid, p.name, p.stat().st_size)
+        if v is not None:
+            out.append(OnDisk(p, v.id, v.count, v.reason, v.source, v.method, v.name))
+    return out
+
+
+def reconciliations(d) -> int:
+    """How many reconciliation passes the daemon *d* has completed (from its metrics):
+    a positive marker that a pass ran, instead of waiting for "nothing happens"."""
+    for line in d.call("metrics")["text"].splitlines():
+        if line.startswith("sessionguard_reconciliations_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no sessionguard_reconciliations_total in the metrics")

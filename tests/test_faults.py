@@ -24,10 +24,10 @@ import orjson
 import pytest
 
 from sessionguard import Guard
-from sessionguard.store import Store, Version, content_hash
+from sessionguard.versions import content_hash
 
 from daemonproc import DaemonProc, eventually
-from sghelpers import make_session, needs_root, server_write
+from sghelpers import OnDisk, make_session, needs_root, pin_count, server_write, store_versions
 
 SID = "abc123def456"
 
@@ -35,22 +35,21 @@ SID = "abc123def456"
 # -- helpers -----------------------------------------------------------------------
 
 
-def versions(store: Path, sid: str = SID) -> list[Version]:
-    return Store(store).versions(sid)
+def versions(store: Path, sid: str = SID) -> list[OnDisk]:
+    return store_versions(store, sid)
 
 
-def kept(store: Path, count: int, sid: str = SID) -> Version:
+def kept(store: Path, count: int, sid: str = SID) -> OnDisk:
     """Wait until *store* holds a version of *sid* with *count* messages; return it."""
     return eventually(lambda: next((v for v in versions(store, sid) if v.count == count), None),
                       what=f"a kept {count}-message version of {sid} in {store}")
 
 
-def pinned(store: Path, count: int, sid: str = SID):
-    """Wait until *sid*'s pin in *store* holds *count* messages; return it."""
-    def check():
-        pin = Store(store).pin(sid)
-        return pin if pin is not None and pin.count == count else None
-    return eventually(check, what=f"a pin of {sid} with {count} messages in {store}")
+def pinned(store: Path, count: int, sid: str = SID) -> Path:
+    """Wait until *sid*'s pin in *store* holds *count* messages; return its path."""
+    eventually(lambda: pin_count(None, sid, store=store) == count,
+               what=f"a pin of {sid} with {count} messages in {store}")
+    return Path(store) / "pins" / sid
 
 
 def dump(doc: object) -> bytes:
@@ -132,7 +131,7 @@ def test_full_store_keeps_the_last_good_version_and_recovers_by_itself(sdir, tmp
         # neither retention nor the byte cap (1 byte!) touches the newest / high-water version
         assert d.call("prune")["removed"] == []
         assert Path(v.path).read_bytes() == dump(big)
-        assert Store(store).pin(SID).count == 1000, "the old pin stays while the new one cannot be written"
+        assert pin_count(None, SID, store=store) == 1000, "the old pin stays while the new one cannot be written"
         d.assert_alive()
     finally:
         filler.unlink()
@@ -202,7 +201,7 @@ def test_full_store_degraded_clears_when_the_failing_session_is_deleted(sdir, tm
         server_write(sdir / f"{SID}.json", make_session(0))
         d.wait_event("degraded")
         os.unlink(sdir / f"{SID}.json")  # the server deletes the session meanwhile
-        eventually(lambda: Store(store).pin(SID) is None, what="the pin of the deleted session dropped")
+        eventually(lambda: pin_count(None, SID, store=store) is None, what="the pin of the deleted session dropped")
     finally:
         filler.unlink()
     assert kept(store, 1000).reason in ("shrink", "deleted")
@@ -226,7 +225,7 @@ def test_read_only_store_degrades_and_keeps_the_version_once_writable(sdir, tmp_
         assert failed["sid"] == SID
         st = status(d)  # status must not try to write into the store
         assert any("Read-only" in why for why in st["degraded"]), st
-        assert Store(store).pin(SID).count == 1000, "the last good version is still pinned"
+        assert pin_count(None, SID, store=store) == 1000, "the last good version is still pinned"
         d.assert_alive()
     finally:
         mount("-o", "remount,rw", str(mp))
@@ -277,11 +276,10 @@ def test_library_with_a_store_on_another_filesystem_copies(sdir, tmpfs, daemons)
     g = Guard(sdir, store=store)
     g.save(SID, make_session(300))
     g.save(SID, make_session(100))  # a shrink through the library
-    v = next(v for v in g.versions(SID) if v.count == 300)
-    assert v.method == "copy" and v.source == "library" and Path(v.path).read_bytes() == dump(make_session(300))
-    pin = g.store.pin(SID)
-    assert pin.method == "copy" and pin.count == 100
-    assert os.stat(pin.path).st_ino != os.stat(sdir / f"{SID}.json").st_ino
+    v = next(v for v in versions(store) if v.count == 300)
+    assert v.method == "copy" and v.source == "library" and v.path.read_bytes() == dump(make_session(300))
+    assert pin_count(None, SID, store=store) == 100
+    assert os.stat(store / "pins" / SID).st_ino != os.stat(sdir / f"{SID}.json").st_ino
     cfg = sdir.parent / "shared.toml"
     cfg.write_text(f'[[watch]]\npath = "{sdir}"\nstore = "{store}"\n')
     daemons("--config", str(cfg))
@@ -476,7 +474,7 @@ def test_dir_replaced_faster_than_the_root_check_is_watched_anew(sdir, tmp_path,
     d.sync()
     server_write(sdir / f"{SID}.json", make_session(0))
     kept(sdir / ".sessionguard", 11)
-    assert Store(tmp_path / "sessions.old" / ".sessionguard").pin(SID).count == 20, "the old store is untouched"
+    assert pin_count(None, SID, store=tmp_path / "sessions.old" / ".sessionguard") == 20, "the old store is untouched"
     assert status(d)["degraded"] == []
 
 

@@ -30,6 +30,10 @@ from .watch import Watcher
 
 #: A lock held by another process for longer than this makes the watch degraded.
 LOCK_DEGRADED_SECONDS = 10.0
+#: While the initial scan makes progress, systemd's start timeout is pushed this far
+#: ahead (µs), at most every PROGRESS_SECONDS.
+EXTEND_USEC = 30_000_000
+PROGRESS_SECONDS = 2.0
 
 
 class Daemon:
@@ -43,6 +47,8 @@ class Daemon:
         self._stopping = False
         self._reload = False
         self._metrics_error: str | None = None
+        self._scanning = ""
+        self._last_progress = 0.0
         self.control: Any = None
         self._build()
 
@@ -52,7 +58,7 @@ class Daemon:
         self.tracker = Tracker([WatchState(w) for w in self.cfg.watches], self.stats, self.log)
         self.watcher = Watcher(self.tracker, self.log, self._on_overflow)
         self.supervisor = Supervisor(self.tracker, self.watcher, self.stats, self.log,
-                                     reconcile_interval=self.cfg.reconcile_interval)
+                                     reconcile_interval=self.cfg.reconcile_interval, progress=self._progress)
         self.service = Service(tracker=self.tracker, watcher=self.watcher, supervisor=self.supervisor,
                                stats=self.stats, log=self.log,
                                restore_recent_seconds=getattr(self.cfg, "restore_recent_seconds", 60.0),
@@ -66,9 +72,20 @@ class Daemon:
         self.watcher.start()
         total = len(self.tracker.watches)
         for i, ws in enumerate(self.tracker.watches, 1):
-            systemd.notify(f"STATUS=scanning {ws.root} ({i} of {total} watches)")
+            self._scanning = f"{ws.root} ({i} of {total} watches)"
+            systemd.notify(f"STATUS=scanning {self._scanning}", f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
             self.supervisor.bring_up(ws, initial=True)
         self._maint.start()
+
+    def _progress(self, done: int, total: int) -> None:
+        """During the initial scan: say how far it is, and ask systemd for more time — only
+        while files are being done, so a scan that hangs still meets the start timeout."""
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_SECONDS:
+            return
+        self._last_progress = now
+        systemd.notify(f"STATUS=scanning {self._scanning}: {done:,} of {total:,} files",
+                       f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
 
     def _stop_watching(self) -> None:
         """Stop maintenance, then the watcher (which finishes the file in hand), then the stores."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import fsutil
 from .count import key_hash, stat_key
@@ -24,6 +24,11 @@ from .tracker import Tracked, Tracker, WatchState, skip_key
 #: A file modified less than this long ago is left to its close/rename event by
 #: the reconciliation, so an in-place writer is never read half-way.
 SETTLE_SECONDS = 1.0
+#: How often a scan reports progress (files).
+PROGRESS_EVERY = 1000
+
+#: Told ``(files done, files in all)`` while a scan runs (for systemd's STATUS=).
+Progress = Callable[[int, int], None]
 
 
 def walk(ws: WatchState) -> Iterator[tuple[tuple[str, ...], os.DirEntry[str]]]:
@@ -56,17 +61,26 @@ def _enter(ws: WatchState, dir_fd: int, name: str) -> int | None:
         return None
 
 
+def count_files(ws: WatchState) -> int:
+    """How many entries a scan will look at (names only, no stat): the total for progress."""
+    return sum(1 for _ in walk(ws))
+
+
 def scan(tracker: Tracker, ws: WatchState, cache: dict[str, CacheEntry] | None = None, *,
-         find_orphans: bool = False) -> dict[str, int]:
+         find_orphans: bool = False, progress: Progress | None = None) -> dict[str, int]:
     """Every file against its pin. Sessions the daemon knew (or the cache knew) whose
     file is gone were deleted while nobody looked: their pins become versions.
-    *find_orphans* also lists every pin (a start without a cache)."""
+    *find_orphans* also lists every pin (a start without a cache); *progress* is told
+    how far the scan is every :data:`PROGRESS_EVERY` files."""
     assert ws.store is not None and ws.root_fd is not None
     started = time.monotonic()
     outcomes: Counter[str] = Counter()
     ws.store.sweep_tmp(ws.root_fd)
     seen: set[str] = set()
-    for parts, entry in walk(ws):
+    total = (len(cache) if cache else count_files(ws)) if progress is not None else 0
+    for done, (parts, entry) in enumerate(walk(ws), 1):
+        if progress is not None and done % PROGRESS_EVERY == 0:
+            progress(done, max(total, done))
         sid, why = ws.matcher.identify(parts)
         if sid is None and why is None:
             continue

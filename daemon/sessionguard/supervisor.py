@@ -66,9 +66,10 @@ class Supervisor:
     """Brings watches up and down; one per daemon, used by its maintenance thread."""
 
     def __init__(self, tracker: Tracker, watcher: Watcher, stats: Stats, log: Any, *,
-                 reconcile_interval: float) -> None:
+                 reconcile_interval: float, progress: passes.Progress | None = None) -> None:
         self.tracker, self.watcher, self.stats, self.log = tracker, watcher, stats, log
         self.reconcile_interval = reconcile_interval
+        self.progress = progress
         self._status: dict[str, _Status] = {}
 
     # -- up ---------------------------------------------------------------------------
@@ -94,7 +95,8 @@ class Supervisor:
             self._open(ws, initial=initial)
             refused = self._schedule(ws)
             cache = ws.store.pins.load_cache() if ws.store is not None else {}
-            passes.scan(self.tracker, ws, cache or None, find_orphans=not cache)
+            passes.scan(self.tracker, ws, cache or None, find_orphans=not cache,
+                        progress=self.progress if initial else None)
             if ws.store is not None:
                 ws.store.pins.drop_cache()
         except StoreError as exc:

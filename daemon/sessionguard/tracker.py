@@ -117,16 +117,19 @@ class WatchState:
         assert self.root_fd is not None
         return fsutil.walk(self.root_fd, parts[:-1], self.check_dir)
 
-    def foreign_link(self, st: os.stat_result) -> str | None:
+    def foreign_link(self, st: os.stat_result, pin: os.stat_result | None = None) -> str | None:
         """Why a hard link to someone else's file is not read, or None.
 
         A second name for a file owned by another user than the directory's
         owner is most likely someone else's file linked in here: a root daemon
         reading it would copy, say, ``/etc/shadow`` into the store. Links made
         by the directory's owner (an ``os.link`` publish, the library's pins)
-        are normal.
+        are normal, and so is our own hard-link *pin* of this very file.
         """
-        if st.st_nlink <= 1 or st.st_uid == self.root_uid:
+        links = st.st_nlink
+        if pin is not None and (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino):
+            links -= 1
+        if links <= 1 or st.st_uid == self.root_uid:
             return None
         return (f"hard link to a file owned by uid {st.st_uid}; the directory belongs to uid {self.root_uid}: "
                 "not read")
@@ -254,6 +257,8 @@ class Tracker:
             return self._skip(ws, case.rel, "unreadable (permission denied)", fsutil.lstat_at(dir_fd, name))
         try:
             why = ws.foreign_link(st)
+            if why is not None:  # our own link pin of this file is not someone else's link
+                why = ws.foreign_link(st, case.store.pins.stat(case.sid))
             if why is not None:  # checked on the opened file: a name swapped after a stat cannot slip through
                 return self._give_up(case, why, st)
             tracked = ws.files.get(case.sid)
