@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .count import DEFAULT_MAX_BYTES, CountSpec
+from .errors import ConfigError
 from .paths import default_socket_path
 from .retention import Retention
 from .store import STORE_DIRNAME
@@ -27,8 +28,6 @@ LOG_FORMATS = ("auto", "json", "console", "journal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class ConfigError(Exception):
-    """Invalid configuration: the message names the file and the key."""
 
 
 def default_watch_dir() -> str:

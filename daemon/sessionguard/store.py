@@ -122,21 +122,28 @@ class Store:
 
     @classmethod
     def open(cls, parent_fd: int, name: str = STORE_DIRNAME, *, where: str, expect_uid: int, owner: Owner = None,
-             retention: Retention | None = None, max_bytes: int, create: bool = True) -> tuple[Store, str | None]:
+             retention: Retention | None = None, max_bytes: int, create: bool = True,
+             replace_refused: bool = False) -> tuple[Store, str | None]:
         """Open (or make) the store *name* in the directory *parent_fd*: ``(store, notice)``.
 
-        The store must be a real directory owned by *expect_uid*. Anything
-        else found under its name (a symlink, a file, someone else's
-        directory) is refused: moved aside, a fresh store made, and *notice*
-        says what happened. Older layouts are migrated. *owner* is given every
-        file and folder made (a root daemon sharing a store with the
-        directory's owner). The store keeps a duplicate of *parent_fd*.
+        The store must be a real directory owned by *expect_uid* that nobody
+        else may write. Anything else under its name (a symlink, a file,
+        someone else's directory) is refused: with *replace_refused* (the
+        daemon) it is moved aside, a fresh store made, and *notice* says what
+        happened; otherwise :class:`StoreError` says why. Older layouts are
+        migrated. *owner* is given every file and folder made (a root daemon
+        sharing a store with the directory's owner). The store keeps a
+        duplicate of *parent_fd*.
         """
         notice = None
         fd = cls._open_dir(parent_fd, name, create, owner)
         why = cls._refusal(fd, expect_uid)
         if why is not None:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+            if not replace_refused:
+                raise StoreError(f"the store {where} {why}: refused (a daemon sharing it with this process "
+                                 "needs store_owner = \"directory\" in its [[watch]])")
             aside = cls._move_aside(parent_fd, name)
             notice = f"{where} {why}: moved aside to {aside}; a fresh store was made"
             fd = cls._open_dir(parent_fd, name, True, owner)

@@ -132,7 +132,7 @@ class Supervisor:
             store, notice = Store.open(parent, os.path.basename(cfg.store_path), where=cfg.store_path,
                                        expect_uid=st.st_uid if shared else os.geteuid(),
                                        owner=(st.st_uid, st.st_gid) if shared else None,
-                                       retention=cfg.retention, max_bytes=cfg.max_file_bytes)
+                                       retention=cfg.retention, max_bytes=cfg.max_file_bytes, replace_refused=True)
         except BaseException:
             os.close(root_fd)
             raise
