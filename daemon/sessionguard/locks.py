@@ -3,10 +3,12 @@
 Saves, captures and restores of one session exclude each other whether they
 come from threads of the daemon, the control socket or a server embedding
 the library. Each session owns one byte of ``<store>/lock`` (its id hashed),
-locked with an open-file-description lock: no lock file per session, no
-lock left behind by a killed process, and — the store being ``0700`` —
-nobody outside the store's owner can hold one. Byte 0 is the daemon's: one
-daemon per store.
+locked with an open-file-description lock on a descriptor opened for that
+hold: no lock file per session, no lock left behind by a killed process,
+nothing kept open for writing between operations (a store can be remounted
+read-only), and — the store being ``0700`` — nobody outside the store's
+owner can hold one. The daemon's claim on a store ("one daemon per store")
+is an ``flock`` on the store directory's own descriptor.
 
 Two sessions may hash to the same byte; they then merely take turns. For
 that reason the in-process half of the lock is keyed by byte, not by id.
@@ -15,6 +17,7 @@ that reason the in-process half of the lock is keyed by byte, not by id.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import threading
@@ -24,8 +27,7 @@ from collections.abc import Iterator
 from . import fsutil
 from .errors import SessionLocked, StoreError
 
-#: The byte that says "a daemon serves this store".
-DAEMON_BYTE = 0
+LOCK_FILE = "lock"
 _SESSION_BYTES = 1 << 40
 #: How often a bounded wait retries a lock held by another process.
 _POLL = 0.005
@@ -40,19 +42,20 @@ def session_byte(sid: str) -> int:
 class _Held:
     """The in-process side of one byte: a re-entrant thread lock and how deep it is held."""
 
-    __slots__ = ("depth", "rlock", "users")
+    __slots__ = ("depth", "fd", "rlock", "users")
 
     def __init__(self) -> None:
         self.rlock = threading.RLock()
         self.depth = 0
+        self.fd = -1
         self.users = 0
 
 
 class Locks:
-    """The session locks of one store (``fd``: the store's lock file, open read-write)."""
+    """The session locks of one store (*store_fd*: the store directory, owned by the caller)."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, store_fd: int) -> None:
+        self.store_fd = store_fd
         self._held: dict[int, _Held] = {}
         self._guard = threading.Lock()
 
@@ -74,14 +77,15 @@ class Locks:
                 raise SessionLocked(f"session {sid!r} is busy in this process")
             try:
                 if held.depth == 0:
-                    self._take(byte, sid, deadline)
+                    held.fd = self._take(byte, sid, deadline)
                 held.depth += 1
                 try:
                     yield
                 finally:
                     held.depth -= 1
                     if held.depth == 0:
-                        fsutil.range_unlock(self.fd, byte)
+                        os.close(held.fd)  # closing the description releases its lock
+                        held.fd = -1
             finally:
                 held.rlock.release()
         finally:
@@ -90,23 +94,28 @@ class Locks:
                 if held.users == 0:
                     del self._held[byte]
 
-    def _take(self, byte: int, sid: str, deadline: float | None) -> None:
-        if deadline is None:
-            fsutil.range_lock(self.fd, byte, wait=True)
-            return
-        while not fsutil.range_lock(self.fd, byte, wait=False):
-            if time.monotonic() >= deadline:
-                raise SessionLocked(f"session {sid!r} is locked by another process")
-            time.sleep(_POLL)
+    def _take(self, byte: int, sid: str, deadline: float | None) -> int:
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.store_fd)
+        try:
+            if deadline is None:
+                fsutil.range_lock(fd, byte, wait=True)
+                return fd
+            while not fsutil.range_lock(fd, byte, wait=False):
+                if time.monotonic() >= deadline:
+                    raise SessionLocked(f"session {sid!r} is locked by another process")
+                time.sleep(_POLL)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     def claim_daemon(self) -> None:
-        """Say "a daemon serves this store" for as long as :attr:`fd` is open.
+        """Say "a daemon serves this store" for as long as the store's descriptor is open.
 
         Raises :class:`StoreError` when another daemon already does: two
         daemons on one store would pin, keep and prune behind each other's back.
         """
-        if not fsutil.range_lock(self.fd, DAEMON_BYTE, wait=False):
-            raise StoreError("another sessionguardd already serves this store")
-
-    def close(self) -> None:
-        os.close(self.fd)
+        try:
+            fcntl.flock(self.store_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError("another sessionguardd already serves this store") from None

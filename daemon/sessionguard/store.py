@@ -115,8 +115,7 @@ class Store:
         self.ident = (st.st_dev, st.st_ino)
         self.pins = Pins(self._subdir(PINS_DIR), fd, owner)
         self.versions = Versions(self._subdir(SESSIONS_DIR), owner)
-        lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
-        self.locks = Locks(lock_fd)
+        self.locks = Locks(fd)
 
     # -- opening -----------------------------------------------------------------------
 
@@ -226,7 +225,6 @@ class Store:
     def close(self) -> None:
         for fd in (self.pins.fd, self.versions.fd, self.fd, self.parent_fd):
             os.close(fd)
-        self.locks.close()
 
     # -- staying in place ------------------------------------------------------------
 

@@ -301,8 +301,8 @@ class Tracker:
         ws = case.ws
         captured = case.store.capture(case.sid, new, spec=ws.spec, intent_keys=ws.cfg.intent_keys,
                                       source="daemon", cause=cause, method=ws.pin_method)
-        if captured is not None:
-            self._report(case, captured)
+        if captured is not None and (captured.kept.new or case.sid not in ws.failing):
+            self._report(case, captured)  # not again for a retry after the new pin failed
         elif cause == "loss":
             pin = case.store.pins.stat(case.sid)
             if pin is not None and (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino):
