@@ -238,6 +238,9 @@ class Supervisor:
             ws.files.clear()  # the pins these described lived in that store
             ws.skipped.clear()
             ws.deferred.clear()
+            ws.failing.clear()
+        self.stats.clear_prefix(f"store:{ws.cfg.store_path}")
+        self.stats.clear_prefix(f"lock:{ws.root}")
 
     def stop(self, ws: WatchState) -> None:
         """Clean stop: leave the restart hint, release the store."""

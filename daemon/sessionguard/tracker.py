@@ -224,7 +224,7 @@ class Tracker:
 
     def _failed(self, case: _Case, exc: OSError) -> str:
         self.stats.bump("errors")
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             case.ws.failing.add(case.sid)
             self.stats.degrade(f"store:{case.store.where}", f"{os.strerror(exc.errno or 0)} writing the store")
         self.log.error("pin.failed", watch=case.ws.root, sid=case.sid, path=case.rel, error=str(exc),
