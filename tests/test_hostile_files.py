@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from sessionguard import Guard
-from sessionguard.store import validate_sid
+from sessionguard.naming import validate_sid
 
 from daemonproc import DaemonProc, eventually
 from sghelpers import make_session, needs_root, pin_count, reconciliations, server_write, store_versions
