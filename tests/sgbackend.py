@@ -210,4 +210,4 @@ def run_as(who: str, accounts, public_client, sock: str, *args: str) -> subproce
     pw = accounts["users"][who]
     cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
            py, "-m", "sessionguard.ctl", "--socket", sock, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)

@@ -9,6 +9,7 @@ test_control_limits.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from daemonproc import eventually
 from sessionguard import errors
 from sessionguard.control import Backend, ControlServer
 from sessionguard.paths import NO_DEFAULT_SOCKET, default_socket_path
@@ -43,7 +45,6 @@ from sessionguard.protocol import (
     LineTooLong,
     RpcError,
 )
-from daemonproc import eventually
 from sgbackend import CANNED, CannedBackend, Recorder, connect, read_line, result, rmtree, rpc, rpc_raw, short_tmpdir
 
 SID = "abc123def456"
@@ -337,10 +338,8 @@ def test_line_over_1mib_is_refused_and_dropped(server, with_newline):
     _, path, rec, _ = server
     big = b'{"jsonrpc": "2.0", "id": 1, "method": "status", "params": {"x": "' + b"a" * (1024 * 1024) + b'"}}'
     with connect(path) as s:
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it may close before reading all
             s.sendall(big + (b"\n" if with_newline else b""))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may close before reading everything
         buf = bytearray()
         resp = orjson.loads(read_line(s, buf))
         assert resp["error"]["code"] == INVALID_REQUEST
@@ -560,10 +559,8 @@ def test_busy_reply_shape(make_server):
     socks = [connect(path) for _ in range(6)]
     try:
         for i, s in enumerate(socks):
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 s.sendall(_req("status", rid=i) + b"\n")
-            except (BrokenPipeError, ConnectionResetError):
-                pass
         answers = [orjson.loads(read_line(s)) for s in socks]
     finally:
         for s in socks:

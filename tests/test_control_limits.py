@@ -130,7 +130,7 @@ def test_a_reader_holding_300_connections_does_not_lock_out_root_or_admins(accou
         assert held == 32 and busy == 268, (held, busy)
         # ... while it holds them: root restores, an admin lists, the reader itself is told "busy"
         r = subprocess.run([sys.executable, "-m", "sessionguard.ctl", "--socket", d.socket, "restore", SID],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 0, r.stderr
         assert count_of(sdir / f"{SID}.json") == 50
         p = run_as("admin", accounts, public_client, d.socket, "list")

@@ -38,7 +38,7 @@ def run(*args: str, sock: str | None = None, env: dict[str, str] | None = None,
     cmd = [*CTL, *(["--socket", sock] if sock else []), *args]
     full_env = {k: v for k, v in os.environ.items() if k not in (SOCKET_ENV, DAEMON_USER_ENV)}
     full_env.update(env or {})
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=full_env, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=full_env, cwd=cwd, check=False)
 
 
 def _config(base: Path, groups: dict[str, str] | None) -> Path:
@@ -144,7 +144,7 @@ def test_restore_and_undo(world):
     assert count_of(live) == 10
     undo = shlex.split(next(line for line in p.stdout.splitlines() if line.startswith("to undo: "))[9:])
     assert undo[0] == "sessionguardctl" and undo[-3:-1] == ["restore", SID] and str(base / "a") in undo
-    u = subprocess.run(CTL + undo[1:], capture_output=True, text=True, timeout=60)
+    u = subprocess.run(CTL + undo[1:], capture_output=True, text=True, timeout=60, check=False)
     assert u.returncode == 0, u.stderr
     assert count_of(live) == 3
     assert [e["sid"] for e in d.events("session.restored")] == [SID, SID]
@@ -216,7 +216,7 @@ def test_hostile_ids_and_messages_print_escaped(tmp_path):
         try:
             server_write(base / "a" / f"{evil}.json", make_session(0, "x"))
             d.sync()
-            outs = [subprocess.run([*CTL, "--socket", d.socket, *args], capture_output=True, timeout=60)
+            outs = [subprocess.run([*CTL, "--socket", d.socket, *args], capture_output=True, timeout=60, check=False)
                     for args in (["list"], ["history", evil], ["show", evil, "--messages"], ["diff", evil])]
             for p in outs:
                 assert p.returncode == 0, p.stderr
@@ -226,11 +226,11 @@ def test_hostile_ids_and_messages_print_escaped(tmp_path):
             assert b"pwned \\x1b]0;title\\x07 \\x1b[2J \\x9b1m" in outs[2].stdout
             assert b"pwned \\x1b]0;title" in outs[3].stdout
             restored = subprocess.run([*CTL, "--socket", d.socket, "restore", evil], capture_output=True,
-                                      text=True, timeout=60)
+                                      text=True, timeout=60, check=False)
             undo = next(line for line in restored.stdout.splitlines() if line.startswith("to undo: "))[9:]
             env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
             assert shutil.which("sessionguardctl", path=env["PATH"]), "the venv's console script"
-            u = subprocess.run(["bash", "-c", undo], capture_output=True, text=True, timeout=60, env=env)
+            u = subprocess.run(["bash", "-c", undo], capture_output=True, text=True, timeout=60, env=env, check=False)
             assert u.returncode == 0, (undo, u.stderr)
             assert count_of(base / "a" / f"{evil}.json") == 0, "the undo put the wiped file back"
         finally:
@@ -385,7 +385,7 @@ def test_socket_discovery_order():
     xdg = short_tmpdir("sgxdg")
     try:
         p = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", DISCOVERY,
-                            TESTS, xdg], capture_output=True, text=True, timeout=120)
+                            TESTS, xdg], capture_output=True, text=True, timeout=120, check=False)
         assert p.returncode == 0, p.stderr
         out = json.loads(p.stdout)
     finally:

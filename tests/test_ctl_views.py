@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -52,7 +52,7 @@ def run(sock: str | None, *args: str, env: dict[str, str] | None = None,
     full_env = {k: v for k, v in os.environ.items() if k != SOCKET_ENV}
     full_env.update(env or {})
     cmd = [*CTL, *(["--socket", sock] if sock else []), *args]
-    return subprocess.run(cmd, capture_output=True, timeout=60, env=full_env, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, timeout=60, env=full_env, cwd=cwd, check=False)
 
 
 def text(p: subprocess.CompletedProcess[bytes]) -> str:
@@ -115,7 +115,8 @@ def test_history_and_restore_escape_and_quote_the_undo(stub):
     _no_raw_controls(p.stdout)
     undo = next(line for line in text(p).splitlines() if line.startswith("to undo: "))
     # the undo command is printed safely and, pasted into bash, gives back the exact id
-    echo = subprocess.run(["bash", "-c", "printf %s " + shell_quote(evil)], capture_output=True, timeout=30)
+    echo = subprocess.run(["bash", "-c", "printf %s " + shell_quote(evil)], capture_output=True, timeout=30,
+                          check=False)
     assert echo.stdout == evil.encode() and shell_quote(evil) in undo
 
 
@@ -128,8 +129,8 @@ def test_display_width_and_escaping_helpers():
     assert ctl_format.clip("会话会话", 5) == "会话…"
     assert ctl_format.human_size(412.3 * 1024) == "412.3 KiB" and ctl_format.human_size(512) == "512 B"
     now = time.time()
-    assert ctl_format.relative(datetime.fromtimestamp(now - 185, timezone.utc), now) == "3 min ago"
-    assert ctl_format.relative(datetime.fromtimestamp(now - 3 * 86400, timezone.utc), now) == "3 days ago"
+    assert ctl_format.relative(datetime.fromtimestamp(now - 185, UTC), now) == "3 min ago"
+    assert ctl_format.relative(datetime.fromtimestamp(now - 3 * 86400, UTC), now) == "3 days ago"
     assert shell_quote("abc") == "abc" and shell_quote("a b") == "'a b'"
     assert shell_quote("it's\x1b") == "$'it\\'s\\x1b'"
 
@@ -178,7 +179,7 @@ def test_status_highlights_on_a_tty(stub):
     try:
         env = {k: v for k, v in os.environ.items() if k != SOCKET_ENV}
         p = subprocess.run([*CTL, "--socket", path, "status"], stdout=child, stderr=subprocess.PIPE, timeout=60,
-                           env=env)
+                           env=env, check=False)
         os.close(child)
         child = -1
         out = b""
@@ -229,7 +230,8 @@ def test_recover_rows_undo_and_exit_codes(stub):
     out = text(p)
     assert "0 → 1000" in out and "unparseable → 40" in out and "recreated" in out and "left alone" in out
     undo = out.splitlines()[-1]
-    assert undo.startswith("to undo this whole run: sessionguardctl") and undo.endswith("recover --undo r20261124T120000-1")
+    assert undo.startswith("to undo this whole run: sessionguardctl")
+    assert undo.endswith("recover --undo r20261124T120000-1")
     [kw] = backend.called("recover")
     assert abs(kw["since"] - (time.time() - 7200)) < 60 and kw["dry_run"] is False
     rows.append(dict(rows[0], sid="again", overwritten=True))
@@ -300,12 +302,12 @@ def test_usage_errors_exit_2_and_send_nothing(stub, argv):
 
 
 def test_help_and_version():
-    h = subprocess.run([*CTL, "--help"], capture_output=True, text=True, timeout=60)
+    h = subprocess.run([*CTL, "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert h.returncode == 0 and "examples:" in h.stdout
     for code in ("0  ok", "3  the daemon cannot be reached", "4  status: something is degraded",
                  "5  done, but a restore"):
         assert code in h.stdout, code
-    v = subprocess.run([*CTL, "--version"], capture_output=True, text=True, timeout=60)
+    v = subprocess.run([*CTL, "--version"], capture_output=True, text=True, timeout=60, check=False)
     assert v.returncode == 0 and v.stdout.startswith("sessionguardctl ")
 
 
@@ -325,7 +327,8 @@ def test_undo_command_runs_in_bash(stub, tmp_path):
     backend.results["restore"] = dict(CANNED["restore"], sid="it's \x1b[31m")
     undo = next(line for line in text(run(path, "restore", SID)).splitlines() if line.startswith("to undo: "))
     shown = undo[len("to undo: "):]
-    got = subprocess.run(["bash", "-c", f'set -- {shown}; printf "%s\\0" "$@"'], capture_output=True, timeout=30)
+    got = subprocess.run(["bash", "-c", f'set -- {shown}; printf "%s\\0" "$@"'], capture_output=True, timeout=30,
+                         check=False)
     assert got.stdout.split(b"\0")[:-1] == [b"sessionguardctl", b"--socket", path.encode(), b"--watch",
-                                            WATCH["path"].encode(), b"restore", "it's \x1b[31m".encode(),
+                                            WATCH["path"].encode(), b"restore", b"it's \x1b[31m",
                                             PRE["id"].encode()]
