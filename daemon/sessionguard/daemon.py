@@ -19,10 +19,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from . import __version__, config, fsutil, log as logconf, systemd
+from . import __version__, config, fsutil, log as logconf, paths, systemd
 from .config import Config, ConfigError
-from .count import CountSpec
-from .store import PruneReport, RestoreResult, Version, VersionNotFound
+from .service import DaemonService
 from .tracker import Tracker, WatchState
 from .watch import Watcher, inotify_hint
 
@@ -67,7 +66,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 class Daemon:
-    """One running sessionguardd. Also the control server's backend."""
+    """One running sessionguardd (its control backend is :class:`~sessionguard.service.DaemonService`)."""
 
     def __init__(self, cfg: Config, log: Any) -> None:
         self.cfg = cfg
@@ -76,8 +75,8 @@ class Daemon:
         self._wake = threading.Event()
         self._stopping = False
         self._reload = False
-        self._usage_cache: tuple[float, int, int] = (0.0, 0, 0)
         self.control: Any = None
+        self.service = DaemonService(self, describe=self._describe, polled=lambda: set(self._polled))
         self._build_watching()
 
     # -- lifecycle -----------------------------------------------------------
@@ -243,9 +242,13 @@ class Daemon:
     def _start_control(self) -> None:
         from .control import ControlServer
 
+        sock = systemd.activated_socket("control")
+        if sock is None and not self.cfg.socket:
+            self.tracker.stats.degraded["control"] = f"control socket unavailable: {paths.NO_DEFAULT_SOCKET}"
+            self.log.error("control.failed", socket=None, error=paths.NO_DEFAULT_SOCKET)
+            return
         try:
-            sock = systemd.activated_socket("control")
-            self.control = ControlServer(self, path=None if sock else self.cfg.socket, sock=sock,
+            self.control = ControlServer(self.service, path=None if sock else self.cfg.socket, sock=sock,
                                          read_group=self.cfg.read_group, admin_group=self.cfg.admin_group,
                                          logger=self.log)
             self.control.start()
@@ -397,158 +400,11 @@ class Daemon:
         degraded = f"; DEGRADED: {', '.join(s.degraded.values())}" if s.degraded else ""
         return f"{tracked} sessions tracked, {s.versions_kept} versions kept, {last}{degraded}"
 
-    def _usage(self) -> tuple[int, int]:
-        """(versions, bytes) across stores, cached for a minute: it walks every session folder."""
-        at, versions, total = self._usage_cache
-        if time.monotonic() - at > 60 or at == 0.0:
-            versions = total = 0
-            for ws in self.tracker.watches:
-                if ws.store is not None:
-                    v, b = ws.store.usage()
-                    versions, total = versions + v, total + b
-            self._usage_cache = (time.monotonic(), versions, total)
-        return versions, total
-
-    def status(self) -> dict[str, Any]:
-        s = self.tracker.stats
-        versions, total = self._usage()
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime": round(time.time() - self.started, 1),
-            "watches": [dict(self._describe(ws), sessions=len(ws.files)) for ws in self.tracker.watches],
-            "sessions": sum(len(ws.files) for ws in self.tracker.watches),
-            "versions": versions,
-            "store_bytes": total,
-            "events": s.events,
-            "evaluations": s.evaluations,
-            "versions_kept": s.versions_kept,
-            "shrinks": dict(s.shrinks),
-            "restores": s.restores,
-            "errors": s.errors,
-            "queued": len(self.watcher.queue),
-            "last_reconcile": _iso(s.last_reconcile),
-            "last_overflow": _iso(s.last_overflow),
-            "overflows": s.overflows,
-            "degraded": sorted(s.degraded.values()),
-        }
-
-    def list_sessions(self, shrunk_only: bool) -> list[dict[str, Any]]:
-        out = []
-        for ws in self.tracker.watches:
-            for sid, t in sorted(list(ws.files.items())):
-                shrunk = t.versions > 0
-                if shrunk_only and not shrunk:
-                    continue
-                out.append({"sid": sid, "watch": ws.root, "count": t.count, "high_water": t.high_water,
-                            "versions": t.versions, "last_shrink": _iso(t.last_shrink)})
-        return out
-
-    def _locate(self, sid: str, watch: str | None) -> WatchState:
-        """The watch holding *sid*: tracked now, or with a folder in the store.
-
-        A file merely existing as ``<sid>.json`` does not make a session: the
-        server's ``_index.json``, a symlink or a file behind a symlinked
-        directory would otherwise get answers and store folders."""
-        candidates = []
-        for ws in self.tracker.watches:
-            if watch is not None and os.path.abspath(watch) != ws.root:
-                continue
-            if ws.store is None:
-                continue
-            if sid in ws.files or os.path.isdir(ws.store.session_dir(sid)):
-                candidates.append(ws)
-        if not candidates:
-            raise VersionNotFound(f"no session {sid!r}" + (f" in watch {watch}" if watch else ""))
-        if len(candidates) > 1:
-            raise LookupError(f"session {sid!r} exists in several watches; pass watch= one of "
-                              + ", ".join(ws.root for ws in candidates))
-        return candidates[0]
-
-    def history(self, sid: str, watch: str | None) -> list[Version]:
-        ws = self._locate(sid, watch)
-        assert ws.store is not None
-        return ws.store.versions(sid)
-
-    def read_version(self, sid: str, version: str | None, watch: str | None) -> tuple[Version, bytes]:
-        ws = self._locate(sid, watch)
-        assert ws.store is not None
-        v = ws.store.find(sid, version)
-        return v, ws.store.read_version(v)
-
-    def read_live(self, sid: str, watch: str | None) -> bytes | None:
-        ws = self._locate(sid, watch)
-        try:
-            data, _ = fsutil.read_regular(ws.path_for(sid), ws.cfg.max_file_bytes)
-        except FileNotFoundError:
-            return None
-        return data
-
-    def spec(self, sid: str, watch: str | None) -> CountSpec:
-        return self._locate(sid, watch).spec
-
-    def restore(self, sid: str, version: str | None, watch: str | None, dry_run: bool) -> RestoreResult:
-        ws = self._locate(sid, watch)
-        assert ws.store is not None
-        result = ws.store.restore(sid, ws.path_for(sid), version, spec=ws.spec, source="admin",
-                                  dry_run=dry_run, lock_timeout=30.0)
-        if not dry_run and not result.unchanged:
-            self.tracker.bump("restores")
-            self.tracker.evaluate(ws.path_for(sid))  # learn the restored file now, not at the next event
-            t = ws.files.get(sid)
-            if t is not None:
-                t.versions = len(ws.store.versions(sid))
-            self._usage_cache = (0.0, 0, 0)
-        return result
-
-    def prune(self) -> PruneReport:
-        report = PruneReport()
-        for ws in self.tracker.watches:
-            if ws.store is not None:
-                r = ws.store.prune()
-                report.removed.extend(r.removed)
-                report.bytes_freed += r.bytes_freed
-        self._usage_cache = (0.0, 0, 0)
-        self.log.info("store.pruned", removed=len(report.removed), bytes_freed=report.bytes_freed)
-        return report
-
-    def sync(self, timeout: float) -> bool:
-        """True once every change made before the call was processed. Never for a
-        polled directory (inotify refused it): nothing orders its changes."""
-        watched = [ws.root for ws in self.tracker.watches if ws.available and ws.root not in self._polled]
-        return self.watcher.sync(watched, timeout) and not self._polled
-
-    def metrics(self) -> str:
-        s = self.tracker.stats
-        versions, total = self._usage()
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP sessionguard_{name} {help_}")
-            lines.append(f"# TYPE sessionguard_{name} {kind}")
-            lines.extend(f"sessionguard_{name}{labels} {value}" for labels, value in samples)
-
-        metric("sessions_tracked", "gauge", "Session files currently tracked.",
-               [("", sum(len(ws.files) for ws in self.tracker.watches))])
-        metric("shrinks_total", "counter", "Shrinking writes seen, by class.",
-               [(f'{{class="{c}"}}', s.shrinks.get(c, 0))
-                for c in ("wipe", "truncate", "rewrite", "unparseable", "deleted")])
-        metric("versions_kept_total", "counter", "Versions kept by this daemon.", [("", s.versions_kept)])
-        metric("store_versions", "gauge", "Versions held in the stores.", [("", versions)])
-        metric("store_bytes", "gauge", "Bytes held in the stores (each inode once).", [("", total)])
-        metric("restores_total", "counter", "Restores made through the control socket.", [("", s.restores)])
-        metric("events_total", "counter", "Filesystem events received.", [("", s.events)])
-        metric("overflows_total", "counter", "inotify queue overflows (events lost, rescanned).", [("", s.overflows)])
-        metric("reconciliations_total", "counter", "Stat-only reconciliation passes.", [("", s.reconciliations)])
-        metric("errors_total", "counter", "Errors (each also logged).", [("", s.errors)])
-        metric("degraded", "gauge", "1 while something is degraded (see status).", [("", 1 if s.degraded else 0)])
-        return "\n".join(lines) + "\n"
-
     def _write_metrics_textfile(self) -> None:
         if not self.cfg.metrics_textfile:
             return
         try:
-            fsutil.atomic_write(self.cfg.metrics_textfile, self.metrics().encode(), mode=0o644)
+            fsutil.atomic_write(self.cfg.metrics_textfile, self.service.metrics_text().encode(), mode=0o644)
         except OSError as exc:
             self.log.warning("metrics.write_failed", path=self.cfg.metrics_textfile, error=str(exc))
 
