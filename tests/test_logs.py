@@ -75,7 +75,7 @@ def test_set_level_applies_to_loggers_already_in_use(tmp_path: Path) -> None:
     names = [e["event"] for e in events]
     assert names.count("reconcile.completed") == 1, "info drops the first debug line, debug lets the second through"
     assert names.index("reconcile.completed") > names.index("daemon.started")
-    assert [e for e in events if e["event"] == "pin.checked"][0]["sid"] == "abc123"
+    assert next(e for e in events if e["event"] == "pin.checked")["sid"] == "abc123"
 
 
 def parse_native(data: bytes) -> dict[str, str]:
