@@ -107,6 +107,9 @@ def test_service_has_required_settings():
         "PrivateNetwork=yes",
         "RestrictAddressFamilies=AF_UNIX",
         "MemoryDenyWriteExecute=yes",
+        "TimeoutStartSec=2min",
+        "MemoryHigh=1536M",
+        "MemoryMax=2G",
     ]:
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     sock = SOCKET.read_text()
@@ -127,7 +130,7 @@ def test_default_config_parses():
     (watch,) = cfg["watch"]
     assert watch["path"] == "/var/lib/hermes/sessions"
     assert set(watch) == {
-        "path", "pattern", "exclude", "recursive", "count", "intent_keys", "store",
+        "path", "pattern", "exclude", "recursive", "count", "intent_keys", "store", "store_owner",
         "pin", "max_file_bytes", "keep_last", "max_age_days", "max_store_bytes",
     }
 
