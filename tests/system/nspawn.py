@@ -39,23 +39,23 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
 
 __all__ = [
-    "Container",
     "BootError",
     "CommandError",
+    "Container",
     "booted_systemd",
-    "nspawn_skip_reason",
     "ensure_nspawn",
+    "nspawn_skip_reason",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike[str]
 #: A unit given to :func:`booted_systemd`: a path to a unit file (bound read-only
 #: to /etc/systemd/system/<basename>) or ``(name, text)``.
-UnitSpec = Union[PathLike, tuple[str, str]]
+UnitSpec = PathLike | tuple[str, str]
 
 LOCK_PATH = "/tmp/sessionguard-nspawn.lock"
 BOOT_TIMEOUT = 60.0
@@ -118,10 +118,10 @@ def ensure_nspawn() -> bool:
         return False
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "systemd-container"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if r.returncode != 0:  # stale package lists on a fresh machine
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        subprocess.run(cmd, env=env, capture_output=True)
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        subprocess.run(cmd, env=env, capture_output=True, check=False)
     return shutil.which("systemd-nspawn") is not None
 
 
@@ -168,8 +168,8 @@ class Container:
                 "sh", "-c", 'exec setpriv --reuid "$0" --regid "$(id -g "$0")" --init-groups -- "$@"',
                 user, *argv,
             ]
-        full = ["nsenter", "-t", str(self.pid), "-a", "--"] + argv
-        r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input)
+        full = ["nsenter", "-t", str(self.pid), "-a", "--", *argv]
+        r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input, check=False)
         if check and r.returncode != 0:
             raise CommandError(r.returncode, argv, r.stdout, r.stderr)
         return r
@@ -399,7 +399,7 @@ def booted_systemd(
 
         script = "mount -t tmpfs tmpfs /run && exec " + shlex.join(args)
         log_path = work / "console.log"
-        log = open(log_path, "wb")
+        log = open(log_path, "wb")  # noqa: SIM115 - the container writes to it until it is stopped
         t0 = time.monotonic()
         proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
@@ -422,7 +422,7 @@ def booted_systemd(
                 raise BootError(f"systemd-nspawn exited with {proc.returncode}", container.console())
             r = subprocess.run(
                 ["nsenter", "-t", str(pid), "-a", "systemctl", "is-system-running"],
-                capture_output=True, text=True, timeout=10,
+                capture_output=True, text=True, timeout=10, check=False,
             )
             state = r.stdout.strip()
             if state in ("running", "degraded"):

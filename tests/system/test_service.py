@@ -26,19 +26,18 @@ and the tests show, with the shipped hardened unit unchanged except a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
+import nspawn
 import pytest
 
-import nspawn
 from daemonproc import eventually
+from debbuild import built_deb
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "packaging" / "deb" / "build.sh"
 WATCH = "/var/lib/hermes/sessions"
 STORE = f"{WATCH}/.sessionguard/sessions"
 CTL = "/opt/sessionguard/bin/sessionguardctl"
@@ -48,17 +47,9 @@ SID = "abc123def456"
 
 
 @pytest.fixture(scope="session")
-def deb(tmp_path_factory) -> Path:
-    """packaging/deb/build.sh, once per test session, into a temporary DIST."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: build.sh builds the venv in a private mount namespace")
-    dist = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([str(BUILD)], env=dict(os.environ, DIST=str(dist)), capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, f"build.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    out = Path(r.stdout.strip().splitlines()[-1])
-    assert out.is_file() and out.parent == dist, r.stdout
-    return out
+def deb() -> Path:
+    """packaging/deb/build.sh, once per test process (tests/debbuild.py)."""
+    return built_deb()
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +167,11 @@ def test_active_only_after_ready_after_initial_scan(box):
     # ... and READY=1 came only after every session file had its pin.
     assert pins_when_active == total, f"active with {pins_when_active}/{total} sessions pinned"
     p = c.show(UNIT, "ActiveState", "SubState", "StatusText", "MainPID", "NRestarts", "Type", "User",
-               "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic", "WatchdogUSec")
+               "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic", "WatchdogUSec",
+               "MemoryMax", "MemoryHigh", "TimeoutStartUSec")
     assert p["WatchdogUSec"] == "3s"  # the test drop-in (the shipped unit says 30s)
+    # the shipped bounds are what systemd applies
+    assert (p["MemoryMax"], p["MemoryHigh"], p["TimeoutStartUSec"]) == (str(2 << 30), str(1536 << 20), "2min"), p
     assert (p["ActiveState"], p["SubState"], p["Type"], p["User"]) == ("active", "running", "notify", "sessionguard")
     assert int(p["ActiveEnterTimestampMonotonic"]) > int(p["ExecMainStartTimestampMonotonic"])
     # The daemon logged the end of its scan and its start, then sent READY=1; systemd
@@ -186,7 +180,8 @@ def test_active_only_after_ready_after_initial_scan(box):
     # processing READY=1: same clock, no race between journald and PID 1.
     active_enter = unit_usec(c, UNIT, "ActiveEnterTimestamp")
     for event in ("scan.completed", "daemon.started"):
-        entries = eventually(lambda: journal_json(c, f"SESSIONGUARD_EVENT={event}", f"_PID={p['MainPID']}"), 10, event)
+        entries = eventually(lambda event=event: journal_json(c, f"SESSIONGUARD_EVENT={event}", f"_PID={p['MainPID']}"),
+                             10, event)
         e = entries[-1]
         assert e["SYSLOG_IDENTIFIER"] == "sessionguard" and e["_SYSTEMD_UNIT"] == UNIT
         sent = int(e["_SOURCE_REALTIME_TIMESTAMP"])

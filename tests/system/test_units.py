@@ -25,9 +25,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-import pytest
-
 import nspawn
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "sessionguard.service"
@@ -63,7 +62,7 @@ def unit_copies(tmp_path: Path) -> tuple[Path, Path]:
 
 def analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["systemd-analyze", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+        ["systemd-analyze", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -137,8 +136,8 @@ def test_default_config_parses():
 
 def test_sysctl_file():
     values = {}
-    for line in SYSCTL.read_text().splitlines():
-        line = line.strip()
+    for raw in SYSCTL.read_text().splitlines():
+        line = raw.strip()
         if line and not line.startswith(("#", ";")):
             key, _, value = line.partition("=")
             values[key.strip()] = int(value)
@@ -154,7 +153,7 @@ def test_sysusers_and_tmpfiles_apply(tmp_path):
     for name in ("passwd", "group", "shadow", "gshadow"):
         (etc / name).touch()
     r = subprocess.run(
-        ["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)], capture_output=True, text=True
+        ["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)], capture_output=True, text=True, check=False
     )
     assert r.returncode == 0, r.stderr
     passwd = (etc / "passwd").read_text()
@@ -163,7 +162,7 @@ def test_sysusers_and_tmpfiles_apply(tmp_path):
     assert {"sessionguard", "sessionguard-admin"} <= groups
     r = subprocess.run(
         ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(TMPFILES)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert (etc / "sessionguard").is_dir()
