@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import shtab
-from argparse_manpage.manpage import Manpage
+from argparse_manpage.manpage import Manpage  # type: ignore[import-untyped]
 
 from sessionguard import __version__, config, ctl, daemon
 

@@ -141,7 +141,7 @@ class Container:
     """A booted container: ``pid`` is its PID 1 as seen from the host."""
 
     pid: int
-    nspawn: subprocess.Popen
+    nspawn: subprocess.Popen[bytes]
     log_path: Path
     boot_seconds: float = 0.0
     _closed: bool = field(default=False, repr=False)
@@ -155,7 +155,7 @@ class Container:
         timeout: float = 30.0,
         input: str | None = None,
         user: str | None = None,
-    ) -> subprocess.CompletedProcess:
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` inside the container (all namespaces of its PID 1).
 
         A string is run with ``sh -c``.  ``user`` runs it via ``setpriv`` as
@@ -174,7 +174,7 @@ class Container:
             raise CommandError(r.returncode, argv, r.stdout, r.stderr)
         return r
 
-    def systemctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    def systemctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", *args], check=check, timeout=timeout)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -186,7 +186,7 @@ class Container:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def is_active(self, unit: str) -> bool:
-        return self.systemctl("is-active", unit, check=False).stdout.strip() == "active"
+        return bool(self.systemctl("is-active", unit, check=False).stdout.strip() == "active")
 
     def wait_for(self, unit: str, state: str = "active", timeout: float = 20.0) -> str:
         """Wait until ``systemctl is-active unit`` prints ``state``; return the last answer."""
@@ -203,7 +203,7 @@ class Container:
         cmd = ["journalctl", "--no-pager", "-n", str(lines), "-o", "short-monotonic"]
         if unit:
             cmd += ["-u", unit]
-        return self.run(cmd, check=False).stdout
+        return str(self.run(cmd, check=False).stdout)
 
     def console(self) -> str:
         try:
@@ -234,7 +234,7 @@ class Container:
                     self.nspawn.wait(10)
 
 
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
+def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, sig)
 
@@ -449,7 +449,7 @@ def booted_systemd(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen[bytes]) -> None:
     _signal_group(proc, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import nspawn
 import pytest
@@ -24,7 +25,7 @@ ExecStart=/usr/bin/python3 -c "{NOTIFY_CODE}"
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_boot_notify_unit_and_shutdown(nspawn_ok, tmp_path):
+def test_boot_notify_unit_and_shutdown(nspawn_ok: None, tmp_path: Path) -> None:
     t0 = time.monotonic()
     with nspawn.booted_systemd(extra_units=[("sg-notify-test.service", NOTIFY_UNIT)]) as c:
         print(f"container booted in {c.boot_seconds:.1f}s (pid {c.pid})")

@@ -60,21 +60,21 @@ def unit_copies(tmp_path: Path) -> tuple[Path, Path]:
     return service, socket
 
 
-def analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["systemd-analyze", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
     )
 
 
 @needs_analyze
-def test_verify_units_no_output(tmp_path):
+def test_verify_units_no_output(tmp_path: Path) -> None:
     service, socket = unit_copies(tmp_path)
     r = analyze("verify", "--man=no", f"./{service.name}", f"./{socket.name}", cwd=tmp_path)
     assert r.returncode == 0 and r.stderr == "", f"rc={r.returncode}\n{r.stderr}"
 
 
 @needs_analyze
-def test_security_exposure_below_2(tmp_path):
+def test_security_exposure_below_2(tmp_path: Path) -> None:
     service, _ = unit_copies(tmp_path)
     r = analyze("security", "--offline=yes", "--threshold=20", f"./{service.name}", cwd=tmp_path)
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
@@ -84,7 +84,7 @@ def test_security_exposure_below_2(tmp_path):
     assert float(m.group(1)) < 2.0
 
 
-def test_service_has_required_settings():
+def test_service_has_required_settings() -> None:
     """The lines the daemon and the docs rely on, stated once more."""
     text = SERVICE.read_text()
     for line in [
@@ -121,7 +121,7 @@ def test_service_has_required_settings():
         assert re.search(rf"^{re.escape(line)}$", sock, re.M), line
 
 
-def test_default_config_parses():
+def test_default_config_parses() -> None:
     cfg = tomllib.loads(TOML.read_text())
     assert cfg["daemon"]["socket"] == "/run/sessionguard.sock"
     assert cfg["daemon"]["read_group"] == "sessionguard"
@@ -134,7 +134,7 @@ def test_default_config_parses():
     }
 
 
-def test_sysctl_file():
+def test_sysctl_file() -> None:
     values = {}
     for raw in SYSCTL.read_text().splitlines():
         line = raw.strip()
@@ -147,7 +147,7 @@ def test_sysctl_file():
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
-def test_sysusers_and_tmpfiles_apply(tmp_path):
+def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
     etc = tmp_path / "etc"
     etc.mkdir()
     for name in ("passwd", "group", "shadow", "gshadow"):
@@ -265,7 +265,7 @@ print(s.makefile().readline())
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_hardened_service_in_container(nspawn_ok, tmp_path):
+def test_hardened_service_in_container(nspawn_ok: None, tmp_path: Path) -> None:
     stub = tmp_path / "sessionguardd"
     stub.write_text(STUB)
     stub.chmod(0o755)
