@@ -209,3 +209,13 @@ def test_cli_reports_every_problem_and_exits_2(tmp_path: Path) -> None:
     assert r.returncode == 2, r
     assert f"{path}: daemon.reconcile_interval: must be a finite number > 0, got nan" in r.stderr
     assert f"{path}: watch[0].path: must be an absolute path" in r.stderr
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[daemon]\nlog_level = "debug"\n[[watch]]\npath = "/srv/a"\npin = "copy"\n')
+    cfg = config.from_args(flags(config=path, pin="link", log_level="error", reconcile_interval=2.5,
+                                 socket="/run/x.sock"))
+    assert (cfg.watches[0].path, cfg.watches[0].pin) == ("/srv/a", "link")
+    assert (cfg.log_level, cfg.reconcile_interval, cfg.socket, cfg.source) == ("error", 2.5, "/run/x.sock", path)
+    cfg = config.from_args(flags(config=path, watch=["/srv/b", "/srv/c"], pin="zstd"))
+    assert [(w.path, w.pin) for w in cfg.watches] == [("/srv/b", "zstd"), ("/srv/c", "zstd")]

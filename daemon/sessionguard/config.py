@@ -225,8 +225,13 @@ def _problem(key: Key, value: Any) -> str | None:
     return key.check(value) if key.check else None
 
 
-def _checked(table: str, raw: dict[str, Any], where: str, source: str, errors: list[str]) -> dict[str, Any]:
-    """The valid entries of *raw*; a line per problem appended to *errors*."""
+def _checked(table: str, raw: dict[str, Any], where: str, source: str, errors: list[str], *,
+             whole: bool = True) -> dict[str, Any]:
+    """The valid entries of *raw*; a line per problem appended to *errors*.
+
+    *whole*: *raw* is a whole table (a file's), so required keys must be in it;
+    flags bring single keys.
+    """
     keys = _BY_TABLE[table]
     good: dict[str, Any] = {}
     for name, value in raw.items():
@@ -240,7 +245,7 @@ def _checked(table: str, raw: dict[str, Any], where: str, source: str, errors: l
         else:
             good[name] = value
     for key in keys.values():
-        if key.required and key.name not in raw:
+        if whole and key.required and key.name not in raw:
             errors.append(f"{source}: {where}{key.name}: required")
     return good
 
@@ -342,13 +347,14 @@ def from_args(ns: argparse.Namespace) -> Config:
     errors: list[str] = []
     flags = {"socket": ns.socket, "log_format": ns.log_format, "log_level": ns.log_level,
              "reconcile_interval": ns.reconcile_interval}
-    daemon = _checked(_D, {k: v for k, v in flags.items() if v is not None}, "--", "command line", errors)
+    daemon = _checked(_D, {k: v for k, v in flags.items() if v is not None}, "--", "command line", errors,
+                      whole=False)
     dirs = [str(os.path.abspath(os.path.expanduser(p))) for p in ns.watch or []]  # a flag is relative to $PWD
     watches = cfg.watches
     if dirs:
         watches = tuple(WatchConfig(path=os.path.normpath(d)) for d in dirs)
     if ns.pin:
-        pin = _checked(_W, {"pin": ns.pin}, "--", "command line", errors)
+        pin = _checked(_W, {"pin": ns.pin}, "--", "command line", errors, whole=False)
         watches = tuple(replace(w, **pin) for w in watches)
     if not watches:
         watches = (WatchConfig(path=default_watch_dir()),)

@@ -43,14 +43,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = [
-    "BootError",
-    "CommandError",
-    "Container",
-    "booted_systemd",
-    "ensure_nspawn",
-    "nspawn_skip_reason",
-]
+__all__ = ["BootError", "CommandError", "Container", "booted_systemd", "ensure_nspawn", "nspawn_skip_reason"]
 
 PathLike = str | os.PathLike[str]
 #: A unit given to :func:`booted_systemd`: a path to a unit file (bound read-only
@@ -332,20 +325,13 @@ def booted_systemd(
 ) -> Iterator[Container]:
     """Boot the host's OS as a volatile container and yield a :class:`Container`.
 
-    binds       read-write bind mounts ``(host_path, container_path)``
-    ro_binds    read-only bind mounts
-    extra_units / units
-                unit files bound read-only into /etc/systemd/system/; a path or
-                ``(name, text)`` (written to a temp dir first).  Both names
-                accepted; they are simply concatenated.
-    mask        extra units to mask (on top of :data:`DEFAULT_MASK`)
-    enable      units to ``systemctl enable --now`` once the system is running
-    timeout     seconds to wait for ``is-system-running`` = running|degraded
-    volatile    nspawn's --volatile= mode.  "yes" (default): / is an empty tmpfs
-                plus the host's /usr -- fast, nothing of the host's /etc, /var or
-                /opt.  "overlay": the whole host tree with a tmpfs overlay on top,
-                so dpkg's database, /etc and /opt are there and writable (for
-                installing a .deb); all writes vanish with the container.
+    binds / ro_binds: bind mounts ``(host_path, container_path)``, read-write / read-only.
+    units / extra_units: unit files bound read-only into /etc/systemd/system/, a path or
+    ``(name, text)``. mask: extra units to mask (on top of :data:`DEFAULT_MASK`).
+    enable: units to ``systemctl enable --now`` once running. timeout: seconds to wait
+    for ``is-system-running`` = running|degraded. volatile: nspawn's --volatile= mode:
+    "yes" (default) is an empty tmpfs plus the host's /usr; "overlay" the whole host
+    tree under a tmpfs overlay (dpkg's database, /etc, /opt writable; writes vanish).
 
     On exit the container is powered off (killed if it hangs) and the cgroups
     nspawn left are removed.  Raises :class:`BootError` if the boot fails.
@@ -361,79 +347,17 @@ def booted_systemd(
     try:
         cleanup_cgroups()  # leftovers of a run that was killed
         args = [
-            "systemd-nspawn",
-            "-D", "/",
-            f"--volatile={volatile}",
-            "--register=no",
-            "--keep-unit",
-            "--console=read-only",
-            "--machine=sg-test",
+            "systemd-nspawn", "-D", "/", f"--volatile={volatile}", "--register=no", "--keep-unit",
+            "--console=read-only", "--machine=sg-test",
+            *(f"--bind-ro=/dev/null:/etc/systemd/system/{name}" for name in (*DEFAULT_MASK, *mask)),
+            *_unit_args(work, [*units, *extra_units]),
+            *(f"--bind={Path(host).resolve()}:{inside}" for host, inside in binds),
+            *(f"--bind-ro={Path(host).resolve()}:{inside}" for host, inside in ro_binds),
+            "-b", "systemd.firstboot=off", *kernel_args,
         ]
-        for name in (*DEFAULT_MASK, *mask):
-            args.append(f"--bind-ro=/dev/null:/etc/systemd/system/{name}")
-        # An empty /etc makes systemd apply presets at boot ("enable *" on
-        # Debian), which would start every bound unit with an [Install] section
-        # before the test has prepared anything.  Disable exactly those by preset;
-        # tests start them (or pass enable=[...]).
-        preset_lines = []
-        for spec in [*units, *extra_units]:
-            if isinstance(spec, tuple):
-                name, text = spec
-                src = work / "units" / name
-                src.parent.mkdir(exist_ok=True)
-                src.write_text(text)
-            else:
-                src = Path(spec).resolve()
-                name = src.name
-            args.append(f"--bind-ro={src}:/etc/systemd/system/{name}")
-            preset_lines.append(f"disable {name}\n")
-        if preset_lines:
-            preset = work / "00-nspawn-harness.preset"
-            preset.write_text("".join(preset_lines))
-            args.append(f"--bind-ro={preset}:/etc/systemd/system-preset/00-nspawn-harness.preset")
-        for host, inside in binds:
-            args.append(f"--bind={Path(host).resolve()}:{inside}")
-        for host, inside in ro_binds:
-            args.append(f"--bind-ro={Path(host).resolve()}:{inside}")
-        args += ["-b", "systemd.firstboot=off", *kernel_args]
-
-        script = "mount -t tmpfs tmpfs /run && exec " + shlex.join(args)
-        log_path = work / "console.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - the container writes to it until it is stopped
         t0 = time.monotonic()
-        proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: killpg on teardown
-        )
-        log.close()
-        deadline = t0 + timeout
-        pid = _find_init(proc.pid, deadline)
-        if pid is None:
-            _kill(proc)
-            raise BootError("container init did not start", log_path.read_text(errors="replace"))
-        container = Container(pid=pid, nspawn=proc, log_path=log_path)
-
-        state = ""
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise BootError(f"systemd-nspawn exited with {proc.returncode}", container.console())
-            r = subprocess.run(
-                ["nsenter", "-t", str(pid), "-a", "systemctl", "is-system-running"],
-                capture_output=True, text=True, timeout=10, check=False,
-            )
-            state = r.stdout.strip()
-            if state in ("running", "degraded"):
-                break
-            time.sleep(0.2)
-        else:
-            failed = container.systemctl("--failed", "--no-legend", check=False).stdout
-            raise BootError(
-                f"system not running after {timeout:.0f}s (state {state!r}); failed units:\n{failed}",
-                container.console(),
-            )
+        container = _start(args, work / "console.log", t0 + timeout)
+        _wait_running(container, t0 + timeout, timeout)
         container.boot_seconds = time.monotonic() - t0
         for unit in enable:
             container.systemctl("enable", "--now", unit)
@@ -447,6 +371,70 @@ def booted_systemd(
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
             os.close(lock_fd)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _unit_args(work: Path, specs: list[UnitSpec]) -> list[str]:
+    """nspawn arguments binding each unit into /etc/systemd/system, plus a preset disabling them.
+
+    An empty /etc makes systemd apply presets at boot ("enable *" on Debian),
+    which would start every bound unit with an [Install] section before the
+    test has prepared anything. Exactly those are disabled by preset; tests
+    start them (or pass enable=[...]).
+    """
+    args, preset_lines = [], []
+    for spec in specs:
+        if isinstance(spec, tuple):
+            name, text = spec
+            src = work / "units" / name
+            src.parent.mkdir(exist_ok=True)
+            src.write_text(text)
+        else:
+            src = Path(spec).resolve()
+            name = src.name
+        args.append(f"--bind-ro={src}:/etc/systemd/system/{name}")
+        preset_lines.append(f"disable {name}\n")
+    if preset_lines:
+        preset = work / "00-nspawn-harness.preset"
+        preset.write_text("".join(preset_lines))
+        args.append(f"--bind-ro={preset}:/etc/systemd/system-preset/00-nspawn-harness.preset")
+    return args
+
+
+def _start(args: list[str], log_path: Path, deadline: float) -> Container:
+    """Run nspawn in a private mount namespace with its own /run; the container once its init runs."""
+    script = "mount -t tmpfs tmpfs /run && exec " + shlex.join(args)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: killpg on teardown
+        )
+    pid = _find_init(proc.pid, deadline)
+    if pid is None:
+        _kill(proc)
+        raise BootError("container init did not start", log_path.read_text(errors="replace"))
+    return Container(pid=pid, nspawn=proc, log_path=log_path)
+
+
+def _wait_running(container: Container, deadline: float, timeout: float) -> None:
+    """Until ``systemctl is-system-running`` says running or degraded; BootError otherwise."""
+    state = ""
+    while time.monotonic() < deadline:
+        if container.nspawn.poll() is not None:
+            raise BootError(f"systemd-nspawn exited with {container.nspawn.returncode}", container.console())
+        r = subprocess.run(
+            ["nsenter", "-t", str(container.pid), "-a", "systemctl", "is-system-running"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+        state = r.stdout.strip()
+        if state in ("running", "degraded"):
+            return
+        time.sleep(0.2)
+    failed = container.systemctl("--failed", "--no-legend", check=False).stdout
+    raise BootError(f"system not running after {timeout:.0f}s (state {state!r}); failed units:\n{failed}",
+                    container.console())
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

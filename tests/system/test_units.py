@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import nspawn
 import pytest
@@ -263,6 +264,23 @@ print(s.makefile().readline())
 '''
 
 
+def check_probes(c: nspawn.Container, probes: dict[str, Any]) -> None:
+    """What the stand-in daemon found under the shipped sandbox."""
+    print(json.dumps(probes, indent=1, sort_keys=True))
+    assert probes["listen_fds"] == 1 and probes["listen_fdnames"] == "control"
+    assert probes["inotify"] is True
+    assert probes["store_mode"] == "0o640"  # UMask=0027
+    assert probes["chown"] == "EPERM"
+    assert probes["write_var_lib"] in ("EROFS", "EACCES")
+    assert probes["af_inet"] in ("EAFNOSUPPORT", "EPERM", "EACCES")
+    assert probes["state_dir"] == "/var/lib/sessionguard"
+    assert probes["runtime_dir"] == "/run/sessionguard"
+    assert probes["peer_uid"] == 0
+    assert probes["peer_proc_visible"] is False  # ProtectProc=invisible
+    owner = c.run(["stat", "-c", "%U", "/var/lib/hermes/sessions/.sessionguard/probe.json"]).stdout
+    assert owner.strip() == "sessionguard"
+
+
 @pytest.mark.root
 @pytest.mark.slow
 def test_hardened_service_in_container(nspawn_ok: None, tmp_path: Path) -> None:
@@ -298,21 +316,7 @@ def test_hardened_service_in_container(nspawn_ok: None, tmp_path: Path) -> None:
         assert props["WatchdogUSec"] == "30s"
         assert props["NRestarts"] == "0"
 
-        r = c.run(["python3", "-c", CLIENT])
-        probes = json.loads(r.stdout)
-        print(json.dumps(probes, indent=1, sort_keys=True))
-        assert probes["listen_fds"] == 1 and probes["listen_fdnames"] == "control"
-        assert probes["inotify"] is True
-        assert probes["store_mode"] == "0o640"  # UMask=0027
-        assert probes["chown"] == "EPERM"
-        assert probes["write_var_lib"] in ("EROFS", "EACCES")
-        assert probes["af_inet"] in ("EAFNOSUPPORT", "EPERM", "EACCES")
-        assert probes["state_dir"] == "/var/lib/sessionguard"
-        assert probes["runtime_dir"] == "/run/sessionguard"
-        assert probes["peer_uid"] == 0
-        assert probes["peer_proc_visible"] is False  # ProtectProc=invisible
-        owner = c.run(["stat", "-c", "%U", "/var/lib/hermes/sessions/.sessionguard/probe.json"]).stdout
-        assert owner.strip() == "sessionguard"
+        check_probes(c, json.loads(c.run(["python3", "-c", CLIENT]).stdout))
 
         # ExecReload= delivers SIGHUP
         c.systemctl("reload", "sessionguard.service")
