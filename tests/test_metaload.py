@@ -197,16 +197,25 @@ def test_other_key_and_damage_after_it() -> None:
     pytest.param(b'{"a": tru, "messages": []}', id="bad literal"),
     pytest.param(b'{"a":\x0c1, "messages": []}', id="form feed is not JSON whitespace"),
     pytest.param(b'{"messages" 1}', id="key without colon"),
-    pytest.param(b'{"a": ' + b"[" * 255 + b"]" * 255 + b', "messages": []}', id="deeper than orjson writes"),
+    pytest.param(b'{"a": ' + b"[" * 1024 + b"]" * 1024 + b', "messages": []}', id="deeper than orjson reads"),
+    pytest.param(b'{"a": [1, {"b": 2]}, "messages": []}', id="brackets crossed"),
+    pytest.param(b'{"a": 1, "b" "messages": []}', id="key without colon before the key"),
+    pytest.param(b'{"a": 1, } "messages": []}', id="trailing comma"),
 ])
 def test_none_when_the_prefix_cannot_vouch(data: bytes) -> None:
     assert meta(data) is None
     assert meta(data, chunk=1) is None
 
 
-def test_depth_orjson_writes_is_read() -> None:
-    deep = b"[" * 254 + b"]" * 254
-    assert meta(b'{"a": ' + deep + b', "messages": []}') == {"a": orjson.loads(deep)}
+def test_depth_is_the_full_loads() -> None:
+    """Nesting is judged in place, so the limit is exactly a full load's (1024 levels with the object)."""
+    data = b'{"a": ' + b"[" * 1023 + b"]" * 1023 + b', "b": 1, "messages": []}'
+    got = meta(data)
+    assert got is not None and list(got) == ["a", "b"] and got["b"] == 1
+    depth, node = 0, got["a"]
+    while node:
+        depth, node = depth + 1, node[0]
+    assert depth == 1022  # 1023 brackets: the innermost list is empty
 
 
 def test_max_bytes_bounds_the_read() -> None:

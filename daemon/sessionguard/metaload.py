@@ -4,16 +4,17 @@ A listing page needs a session's title and dates, not its 1,000 messages, yet
 a full parse reads and decodes the whole file (0.1–0.5 MB each, hundreds of
 sessions). Servers in the seed's format write every metadata key *before*
 ``"messages"``, so the metadata is a prefix of the file. :func:`load_metadata`
-reads small chunks only until it meets that top-level key, and parses each
-value before it with orjson, so each value equals what a full
-``orjson.loads`` gives for it.
+reads small chunks only until it meets that top-level key, then hands orjson
+the object up to there, closed with ``}``: one parse of a few hundred bytes,
+in which every value, the duplicate-key rule and the nesting limit are exactly
+those of a full ``orjson.loads`` of the file.
 
 It never guesses. It returns ``None`` — and the caller does a full parse —
 whenever the prefix cannot vouch for its answer: the document is not an
 object, the key is not among its top-level keys before EOF or ``max_bytes``,
 a key or value before it is not something orjson accepts (``NaN``,
-``Infinity``, lone surrogates, invalid UTF-8, raw control characters), a value
-is nested deeper than orjson can write, or anything else is unexpected.
+``Infinity``, lone surrogates, invalid UTF-8, raw control characters, too
+deep), or anything else is unexpected.
 
 What a prefix cannot know, by construction:
 
@@ -43,24 +44,23 @@ from typing import Any
 import orjson
 
 #: Bytes asked of ``read`` first; each further read asks twice as many (up to
-#: :data:`_MAX_CHUNK`), so a large metadata value costs a few reads, not many.
+#: :data:`_MAX_CHUNK`), so metadata larger than a chunk costs a few reads.
 DEFAULT_CHUNK = 4096
 _MAX_CHUNK = 1 << 20
 
-#: orjson writes at most 254 levels of nesting (and reads 1024 counting the
-#: enclosing object). A value deeper than it can write is left to the full
-#: parse, so the standalone parse here can never succeed where the full one fails.
-_MAX_DEPTH = 254
-
 _BOM = b"\xef\xbb\xbf"
-_WS = b" \t\n\r"
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_SCALAR_END = re.compile(rb"[,}\]\s]")
+_WS = rb"[ \t\n\r]*"  # JSON whitespace only
+_STR = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+
+_NEXT = re.compile(_WS + rb"([^ \t\n\r])")  # the next byte that is not whitespace
+_KEY = re.compile(_WS + rb"(" + _STR + rb")" + _WS + rb":" + _WS, re.DOTALL)
+_STRING = re.compile(_STR, re.DOTALL)
+_SCALAR = re.compile(rb"[-+.0-9A-Za-z]+")  # numbers and literals; orjson decides which are valid
 _STRUCTURAL = re.compile(rb'["\[\]{}]')
-
-
-class _NeedMore(Exception):
-    """The buffer ends inside the token being scanned: read more and scan it again."""
+#: A whole member whose value is a string or a scalar, with the comma after it
+#: (so the value is known to be complete): most metadata, in one match.
+_SIMPLE_MEMBER = re.compile(_WS + rb"(" + _STR + rb")" + _WS + rb":" + _WS + rb"(?:" + _STR + rb"|[-+.0-9A-Za-z]+)"
+                            + _WS + rb",", re.DOTALL)
 
 
 class _Unusable(Exception):
@@ -73,133 +73,128 @@ def load_metadata(read: Callable[[int], bytes], key: str = "messages", *, max_by
 
     *read(n)* returns up to *n* further bytes and ``b""`` at end of file (for a
     descriptor: ``functools.partial(os.read, fd)``; for a file object: its
-    ``read``). At most *max_bytes* are read, then the answer is ``None``.
-    Errors raised by *read* propagate: the full parse would meet them too.
+    ``read``). The first read asks for *chunk_size* bytes, which holds the
+    metadata of a typical session; at most *max_bytes* are read in all, then
+    the answer is ``None``. Syntax that cannot be told from a cut-short buffer
+    (``{"a" 1``) is read on to EOF before the answer is ``None``. Errors raised
+    by *read* propagate: the full parse would meet them too.
     """
-    scanner = _Scanner(read, max_bytes, chunk_size)
-    try:
-        return scanner.fields_before(key)
-    except _Unusable:
-        return None
-
-
-class _Scanner:
-    """A position in a growing buffer of the file's first bytes.
-
-    Each token is scanned from its start; when the buffer ends inside it,
-    more is read and the token is scanned again (the reads grow
-    geometrically, so a long token is rescanned only a few times).
-    """
-
-    def __init__(self, read: Callable[[int], bytes], max_bytes: int, chunk_size: int) -> None:
-        self._read = read
-        self._left = max_bytes
-        self._chunk = max(1, chunk_size)
-        self.buf = bytearray()
-        self.eof = False
-
-    def more(self) -> None:
-        """Append the next chunk, or raise :class:`_Unusable` at EOF or the byte cap."""
-        if self.eof or self._left <= 0:
-            raise _Unusable
-        data = self._read(min(self._chunk, self._left))
+    buf = bytearray()
+    want, left = max(1, chunk_size), max_bytes
+    while True:
+        data = read(min(want, left)) if left > 0 else b""
+        buf += data
+        left -= len(data)
+        want = min(want * 2, _MAX_CHUNK)
+        try:
+            span = _locate(buf, key)
+        except _Unusable:
+            return None
+        if span is not None:
+            return _parse_members(buf, *span)
         if not data:
-            self.eof = True
-            raise _Unusable
-        self._left -= len(data)
-        self.buf += data
-        self._chunk = min(self._chunk * 2, _MAX_CHUNK)
-
-    def scan(self, scanner: Callable[[int], int], pos: int) -> int:
-        """Run *scanner* from *pos* until the buffer holds the whole token; its end."""
-        while True:
-            try:
-                return scanner(pos)
-            except _NeedMore:
-                self.more()
-
-    def fields_before(self, key: str) -> dict[str, Any]:
-        """The top-level members before *key*; raises :class:`_Unusable` if it cannot tell."""
-        pos = self.scan(self._document_start, 0)
-        if self.buf[pos] != ord("{"):
-            raise _Unusable  # not an object
-        pos = self.scan(self._skip_ws, pos + 1)
-        fields: dict[str, Any] = {}
-        while True:
-            if self.buf[pos] != ord('"'):
-                raise _Unusable  # `}` (key not found) or not a key
-            end = self.scan(self._string_end, pos)
-            name = _parse(self.buf[pos:end])
-            pos = self.scan(self._skip_ws, end)
-            if self.buf[pos] != ord(":"):
-                raise _Unusable
-            if name == key:
-                return fields
-            start = self.scan(self._skip_ws, pos + 1)
-            end = self.scan(self._value_end, start)
-            fields[name] = _parse(self.buf[start:end])
-            pos = self.scan(self._skip_ws, end)
-            if self.buf[pos] != ord(","):
-                raise _Unusable  # `}`: the key is not in this document
-            pos = self.scan(self._skip_ws, pos + 1)
-
-    # -- token scanners: return the end of the token starting at pos, or raise _NeedMore --
-
-    def _document_start(self, pos: int) -> int:
-        if len(self.buf) < len(_BOM) and _BOM.startswith(bytes(self.buf)) and not self.eof:
-            raise _NeedMore
-        return self._skip_ws(len(_BOM) if self.buf.startswith(_BOM) else pos)
-
-    def _skip_ws(self, pos: int) -> int:
-        """The position of the next non-whitespace byte (JSON whitespace only)."""
-        while pos < len(self.buf) and self.buf[pos] in _WS:
-            pos += 1
-        if pos == len(self.buf):
-            raise _NeedMore
-        return pos
-
-    def _string_end(self, pos: int) -> int:
-        match = _STRING.match(self.buf, pos)
-        if match is None:
-            raise _NeedMore  # unterminated so far (a string cannot fail to match otherwise)
-        return match.end()
-
-    def _value_end(self, pos: int) -> int:
-        first = self.buf[pos]
-        if first == ord('"'):
-            return self._string_end(pos)
-        if first in b"[{":
-            return self._container_end(pos)
-        match = _SCALAR_END.search(self.buf, pos)
-        if match is None:
-            raise _NeedMore  # a number or literal runs to the end of the buffer
-        if match.start() == pos:
-            raise _Unusable  # no value at all
-        return match.start()
-
-    def _container_end(self, pos: int) -> int:
-        """The end of the object or array opening at *pos* (brackets are checked by orjson later)."""
-        depth = 0
-        while True:
-            match = _STRUCTURAL.search(self.buf, pos)
-            if match is None:
-                raise _NeedMore
-            pos = match.start()
-            char = self.buf[pos]
-            if char == ord('"'):
-                pos = self._string_end(pos)
-                continue
-            depth += 1 if char in b"[{" else -1
-            if depth > _MAX_DEPTH:
-                raise _Unusable
-            pos += 1
-            if depth == 0:
-                return pos
+            return None  # EOF or the byte cap inside the prefix
 
 
-def _parse(data: bytearray) -> Any:
-    """One key or value, exactly as orjson parses it; anything it refuses makes the prefix unusable."""
+def _locate(buf: bytearray, key: str) -> tuple[int, int] | None:
+    """Where the members before *key* are: the offsets of the ``{`` and of the
+    separator after the last of them (the ``{`` itself when there is none).
+
+    ``None`` when the buffer ends before the key is reached (read more);
+    raises :class:`_Unusable` when no amount of reading can give an answer.
+    """
+    if len(buf) < len(_BOM) and _BOM.startswith(buf):
+        return None
+    first = _NEXT.match(buf, len(_BOM) if buf.startswith(_BOM) else 0)
+    if first is None:
+        return None
+    if first.group(1) != b"{":
+        raise _Unusable  # not an object
+    brace = last = first.start(1)
+    pos = first.end()
+    target = key.encode()
+    while True:
+        simple = _SIMPLE_MEMBER.match(buf, pos)
+        if simple is not None:
+            if _is_key(simple.group(1), key, target):
+                return brace, last
+            pos = simple.end()
+            last = pos - 1
+            continue
+        member = _KEY.match(buf, pos)
+        if member is None:
+            upcoming = _NEXT.match(buf, pos)
+            if upcoming is not None and upcoming.group(1) != b'"':
+                raise _Unusable  # not a key (`}` too: the object ends without the key)
+            return None  # a key cut short by the end of the buffer
+        if _is_key(member.group(1), key, target):
+            return brace, last
+        pos = _value_end(buf, member.end())
+        if pos < 0:
+            return None
+        after = _NEXT.match(buf, pos)
+        if after is None:
+            return None
+        if after.group(1) != b",":
+            raise _Unusable  # `}` ends the object without the key, or a stray byte
+        last, pos = after.start(1), after.end()
+
+
+def _is_key(raw: bytes, key: str, target: bytes) -> bool:
+    """Whether the JSON string *raw* (quotes included) is *key* (*target* when encoded); escapes
+    are decoded by orjson."""
+    if b"\\" not in raw:
+        return raw[1:-1] == target
     try:
-        return orjson.loads(data)
+        return bool(orjson.loads(raw) == key)
     except orjson.JSONDecodeError as exc:
-        raise _Unusable from exc
+        raise _Unusable from exc  # a key the full parse refuses too (a lone surrogate)
+
+
+def _value_end(buf: bytearray, pos: int) -> int:
+    """The end of the value starting at *pos*, or -1 when the buffer ends inside it.
+
+    Only the extent is found here; whether the value is valid is orjson's call
+    when the members are parsed.
+    """
+    if pos >= len(buf):
+        return -1
+    first = buf[pos]
+    if first == ord('"'):
+        string = _STRING.match(buf, pos)
+        return -1 if string is None else string.end()
+    if first in b"[{":
+        return _container_end(buf, pos)
+    scalar = _SCALAR.match(buf, pos)
+    if scalar is None:
+        raise _Unusable  # no value here (`,`, `}`, a stray byte)
+    return -1 if scalar.end() == len(buf) else scalar.end()  # a number may continue past the buffer
+
+
+def _container_end(buf: bytearray, pos: int) -> int:
+    """The end of the object or array opening at *pos*, or -1 (brackets are checked by orjson later)."""
+    depth = 0
+    while True:
+        found = _STRUCTURAL.search(buf, pos)
+        if found is None:
+            return -1
+        pos = found.start()
+        if buf[pos] == ord('"'):
+            string = _STRING.match(buf, pos)
+            if string is None:
+                return -1
+            pos = string.end()
+            continue
+        depth += 1 if buf[pos] in b"[{" else -1
+        pos += 1
+        if depth == 0:
+            return pos
+
+
+def _parse_members(buf: bytearray, brace: int, last: int) -> dict[str, Any] | None:
+    """orjson's parse of the object from *brace* up to *last*, closed with ``}``."""
+    try:
+        members = orjson.loads(bytes(buf[brace:max(last, brace + 1)]) + b"}")
+    except orjson.JSONDecodeError:
+        return None
+    return members if isinstance(members, dict) else None
