@@ -140,6 +140,48 @@ def test_equals_the_full_load_cut_at_messages(data: bytes, chunk: int) -> None:
     assert list(got.items()) == list(want.items())  # same values and the full load's key order
 
 
+_edits = st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete"]), st.floats(0, 1),
+                            st.sampled_from(list(b' \t\n"\\:,{}[]0aeE-+.\xef\xbb\xbf\xff'))), min_size=1, max_size=3)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=written(), edits=_edits, chunk=st.integers(min_value=1, max_value=64))
+def test_damaged_documents_never_get_a_wrong_answer(data: bytes, edits: list[tuple[str, float, int]],
+                                                    chunk: int) -> None:
+    """A few bytes replaced, inserted or deleted: whenever a full load still gives an object with
+    ``messages``, the answer is that object's prefix or None, never anything else."""
+    damaged = bytearray(data)
+    for kind, where, byte in edits:
+        at = int(where * len(damaged))
+        if kind == "insert":
+            damaged[at:at] = bytes([byte])
+        elif at < len(damaged):
+            damaged[at:at + 1] = bytes([byte]) if kind == "replace" else b""
+    got = meta(bytes(damaged), chunk)
+    try:
+        full = orjson.loads(bytes(damaged).removeprefix(BOM))
+    except orjson.JSONDecodeError:
+        return  # only the prefix is promised; a document damaged after the key is the full load's to report
+    if got is not None:
+        assert isinstance(full, dict) and "messages" in full
+        if not _repeats_after_messages(bytes(damaged).removeprefix(BOM)):  # the documented limit
+            assert list(got.items()) == list(expected(bytes(damaged)).items())
+
+
+def _repeats_after_messages(data: bytes) -> bool:
+    """Whether a top-level key written before ``messages`` is written again after it."""
+    objects: list[list[tuple[str, Any]]] = []
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(pairs)
+        return dict(pairs)
+
+    json.loads(data, object_pairs_hook=keep)
+    keys = [k for k, _ in objects[-1]]  # the top-level object is the last one closed
+    cut = keys.index("messages")
+    return bool(set(keys[:cut]) & set(keys[cut + 1:]))
+
+
 # -- the details the property may not hit every run -------------------------------
 
 def test_escapes_whitespace_nesting_and_a_nested_messages_key() -> None:
