@@ -34,9 +34,11 @@ class ChatServer:
     ``with ChatServer(d) as srv: srv.get("/sessions")``. On exit the process is
     killed if it still runs (a crash, as far as the server can tell); call
     :meth:`stop` for a clean ``POST /shutdown``, and :meth:`start` again for a
-    new process on the same directory (a restart: an empty cache). *storage* names the storage
-    module (``chatserver.storage``, or a guarded copy). Its stderr (request and
-    error log) is kept in a temporary file, readable with :meth:`log_text`.
+    new process on the same directory (a restart: an empty cache). *storage*
+    names the storage module (``chatserver.storage``, or a guarded copy); *env*
+    is added to the environment (a ``PYTHONPATH`` in it is kept, after
+    ``tests/``). The server's stderr (request log, tracebacks) is kept in a
+    temporary file, readable with :meth:`log_text` until the context exits.
     """
 
     def __init__(self, session_dir: str | os.PathLike[str], *, storage: str = "chatserver.storage",
@@ -50,7 +52,10 @@ class ChatServer:
         self._log = tempfile.NamedTemporaryFile(prefix="chatserver-", suffix=".log")  # noqa: SIM115 - closed in close()
 
     def start(self) -> ChatServer:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
+        """Start the process and wait (bounded) for its ``{"port", "pid"}`` line."""
+        if self.running():
+            raise RuntimeError(f"chat server {self.pid} is already running")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "chatserver", "--dir", str(self.session_dir), "--storage", self.storage]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)

@@ -137,7 +137,7 @@ class Sessions:
 
     def _shrink(self, session: Session, keep: int) -> dict[str, Any]:
         session.messages = session.messages[:keep]
-        session.intentional_shrink_generation = uuid.uuid4().hex
+        session.intentional_shrink_generation = str(uuid.uuid4())
         session.updated_at = time.time()
         return self._saved(session)
 
@@ -146,7 +146,7 @@ class Sessions:
             session = self._get(sid, full=True)
             session.messages = []
             session.title = DEFAULT_TITLE
-            session.clear_generation = uuid.uuid4().hex
+            session.clear_generation = str(uuid.uuid4())
             session.updated_at = time.time()
             return self._saved(session)
 
