@@ -99,6 +99,29 @@ def accounts():
             subprocess.run(["groupdel", g], capture_output=True, timeout=60)
 
 
+@pytest.fixture
+def sessionguard_group():
+    """A ``sessionguard`` group on this machine, as a purged .deb leaves it behind (Debian
+    packages keep their groups): made for the test if missing and removed after; one that
+    was already there is left alone. Yields its gid."""
+    if not IS_ROOT or shutil.which("groupadd") is None:
+        pytest.skip("needs root and groupadd")
+    import grp
+
+    try:
+        existing: int | None = grp.getgrnam("sessionguard").gr_gid
+    except KeyError:
+        existing = None
+    if existing is not None:
+        yield existing
+        return
+    _sh("groupadd", "--system", "sessionguard")
+    try:
+        yield grp.getgrnam("sessionguard").gr_gid
+    finally:
+        subprocess.run(["groupdel", "sessionguard"], capture_output=True, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def public_client(accounts):
     """(argv prefix, env) that runs sessionguardctl as an unprivileged user, or skip."""

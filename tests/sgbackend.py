@@ -1,26 +1,17 @@
-"""A small concrete control backend over real Guards (a fake daemon, not a fake filesystem),
-a structlog-style recording logger, and raw socket helpers for the control tests."""
+"""A canned control backend (no semantics: for transport and formatting tests), a
+structlog-style recording logger, and raw socket helpers for the control tests."""
 
 from __future__ import annotations
 
-import os
+import copy
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
-import time
-from datetime import datetime, timezone
-import subprocess
 from typing import Any
 
 import orjson
-
-from sessionguard import Guard
-from sessionguard import fsutil
-from sessionguard.count import CountSpec, parse
-from sessionguard.store import PruneReport, RestoreResult, Version, validate_sid
-
-from sghelpers import make_session
 
 
 class Recorder:
@@ -48,139 +39,115 @@ class Recorder:
             return [kw for _, e, kw in self.events if e == event]
 
 
-class GuardBackend:
-    """The control Backend over one Guard per watched directory."""
+VERSION = {"id": "813c9a4ef3e75045", "sid": "abc123def456", "created": "2026-11-24T11:47:42.517069+00:00",
+           "count": 1000, "size": 412345, "reason": "shrink", "source": "daemon", "method": "copy",
+           "name": "20261124T114742.517069Z_1000msgs_shrink_daemon_copy_813c9a4ef3e75045.version"}
+PRE = dict(VERSION, id="61bac1a892608be6", count=0, size=300, reason="pre-restore", source="admin",
+           name="20261124T120000.000000Z_0msgs_pre-restore_admin_copy_61bac1a892608be6.version")
+WATCH = {"path": "/srv/chat/sessions", "available": True, "inotify": True, "pin": "auto", "pin_method": "reflink",
+         "store": "/srv/chat/sessions/.sessionguard", "sessions": 2, "versions": 3, "store_bytes": 824690,
+         "last_reconcile": "2026-11-24T11:50:00+00:00", "last_shrink": "2026-11-24T11:47:42+00:00", "degraded": []}
 
-    LOSS = ("shrink", "unparseable", "deleted")
-
-    def __init__(self, guards: list[Guard]) -> None:
-        self.guards = {g.session_dir: g for g in guards}
-        self.started = time.time()
-        self.sync_calls: list[float] = []
-
-    def _known(self, g: Guard, sid: str) -> bool:
-        return sid in g.store.sessions() or os.path.lexists(g.path(sid))
-
-    def _guard(self, sid: str, watch: str | None) -> Guard:
-        validate_sid(sid)
-        if watch is not None:
-            g = self.guards.get(os.path.abspath(watch))
-            if g is None:
-                raise LookupError(f"{watch} is not a watched directory")
-            if not self._known(g, sid):
-                raise LookupError(f"no session {sid!r} in {watch}")
-            return g
-        hits = [g for g in self.guards.values() if self._known(g, sid)]
-        if not hits:
-            raise LookupError(f"no session {sid!r}")
-        if len(hits) > 1:
-            raise LookupError(f"session {sid!r} is in several watches ({', '.join(sorted(self.guards))}): "
-                              "pass --watch")
-        return hits[0]
-
-    def _live_sids(self, g: Guard) -> set[str]:
-        return {n[: -len(g.suffix)] for n in os.listdir(g.session_dir)
-                if n.endswith(g.suffix) and not n.startswith(".")}
-
-    def _live_count(self, g: Guard, sid: str) -> int | None:
-        data = self.read_live(sid, g.session_dir)
-        return None if data is None else parse(data, g.spec).count
-
-    def status(self) -> dict[str, Any]:
-        versions, size = 0, 0
-        sessions = 0
-        for g in self.guards.values():
-            n, b = g.store.usage()
-            versions += n
-            size += b
-            sessions += len(set(g.store.sessions()) | self._live_sids(g))
-        return {
-            "version": "test", "uptime": time.time() - self.started, "watches": sorted(self.guards),
-            "sessions": sessions, "versions": versions, "store_bytes": size, "events": 0,
-            "last_reconcile": datetime.now(timezone.utc).isoformat(), "last_overflow": None, "degraded": [],
-        }
-
-    def list_sessions(self, shrunk_only: bool) -> list[dict[str, Any]]:
-        out = []
-        for watch, g in sorted(self.guards.items()):
-            for sid in sorted(set(g.store.sessions()) | self._live_sids(g)):
-                versions = g.store.versions(sid)
-                count = self._live_count(g, sid)
-                counts = [v.count for v in versions if v.count is not None] + ([count] if count is not None else [])
-                losses = [v.created for v in versions if v.reason in self.LOSS]
-                if shrunk_only and not losses:
-                    continue
-                out.append({
-                    "sid": sid, "watch": watch, "count": count, "high_water": max(counts, default=None),
-                    "versions": len(versions),
-                    "last_shrink": datetime.fromtimestamp(max(losses), timezone.utc).isoformat() if losses else None,
-                })
-        return out
-
-    def history(self, sid: str, watch: str | None) -> list[Version]:
-        return self._guard(sid, watch).store.versions(sid)
-
-    def read_version(self, sid: str, version: str | None, watch: str | None) -> tuple[Version, bytes]:
-        store = self._guard(sid, watch).store
-        v = store.find(sid, version)
-        return v, store.read_version(v)
-
-    def read_live(self, sid: str, watch: str | None) -> bytes | None:
-        g = self._guard(sid, watch)
-        try:
-            data, _ = fsutil.read_regular(g.path(sid), g.max_bytes)
-        except FileNotFoundError:
-            return None
-        return data
-
-    def spec(self, sid: str, watch: str | None) -> CountSpec:
-        return self._guard(sid, watch).spec
-
-    def restore(self, sid: str, version: str | None, watch: str | None, dry_run: bool) -> RestoreResult:
-        g = self._guard(sid, watch)
-        return g.store.restore(sid, g.path(sid), version, spec=g.spec, source="admin", dry_run=dry_run)
-
-    def prune(self) -> PruneReport:
-        total = PruneReport()
-        for g in self.guards.values():
-            r = g.store.prune()
-            total.removed += r.removed
-            total.bytes_freed += r.bytes_freed
-        return total
-
-    def sync(self, timeout: float) -> bool:
-        self.sync_calls.append(timeout)
-        return True
-
-    def metrics(self) -> str:
-        n = sum(g.store.usage()[0] for g in self.guards.values())
-        return f"# TYPE sessionguard_versions gauge\nsessionguard_versions {n}\n"
+#: A result of the documented shape for every method (README, "The control socket").
+CANNED: dict[str, dict[str, Any]] = {
+    "status": {"version": "0.1.0", "pid": 4242, "uptime": 3725.0, "degraded": [], "queued": 0, "events": 120,
+               "evaluations": 80, "versions_kept": 3, "restores": 1, "errors": 0, "overflows": 0,
+               "last_overflow": None, "shrinks": {"wipe": 2, "truncate": 1}, "sessions": 2, "versions": 3,
+               "store_bytes": 824690, "overwritten_restores": [], "watches": [WATCH]},
+    "list": {"sessions": [
+        {"sid": "abc123def456", "watch": WATCH["path"], "state": "shrunk", "count": 0, "high_water": 1000,
+         "versions": 1, "last_loss": {"reason": "shrink", "at": VERSION["created"], "before": 1000, "after": 0},
+         "overwritten": None},
+        {"sid": "steady", "watch": WATCH["path"], "state": "ok", "count": 5, "high_water": 5, "versions": 0,
+         "last_loss": None, "overwritten": None}]},
+    "history": {"sid": "abc123def456", "watch": WATCH["path"], "versions": [VERSION], "restore": VERSION["id"],
+                "most": VERSION["id"]},
+    "show": dict(VERSION, messages=None, first=0, total=1000),
+    "diff": {"sid": "abc123def456", "version": VERSION, "version_count": 1000, "live_exists": True,
+             "live_count": 0, "live_id": PRE["id"], "missing": [{"index": 0, "message": {"role": "user",
+                                                                                         "content": "hello"}}],
+             "missing_count": 1, "added_count": 0},
+    "sync": {"synced": True},
+    "metrics": {"text": "# TYPE sessionguard_versions gauge\nsessionguard_versions 3\n"},
+    "restore": {"sid": "abc123def456", "watch": WATCH["path"], "restored": VERSION, "pre_restore": PRE,
+                "live_count_before": 0, "dry_run": False, "unchanged": False, "hint": None, "overwritten": None},
+    "recover": {"run": "r20261124T120000-1", "dry_run": False, "since": None, "hint": None, "sessions": [
+        {"sid": "abc123def456", "watch": WATCH["path"], "before": 0, "after": 1000, "version": VERSION["id"],
+         "outcome": "restored", "why": None, "overwritten": False}]},
+    "forget": {"sid": "abc123def456", "watch": WATCH["path"], "removed": 2, "bytes_freed": 412645},
+    "prune": {"removed": [], "bytes_freed": 0},
+}
 
 
-SID = "abc123def456"
+class CannedBackend:
+    """A control Backend with no semantics at all: each method returns a canned result of the
+    documented shape (``CANNED``, or one a test sets in ``results``) and records its call.
 
-
-def populate(root: str) -> tuple[list[Guard], dict[str, Any]]:
-    """Two watched dirs of real sessions with real versions.
-
-    * ``SID`` in ``a``: saved with 10 messages, then shrunk to 3 (one ``shrink`` version of 10);
-    * ``steady`` in ``a``: 5 messages, never shrunk;
-    * ``dup`` in both ``a`` and ``b`` (ambiguous without a watch).
+    For the transport tests (the server's checks, errors, limits) and the client's formatting
+    and exit codes. What the results *mean* is tested against the real daemon (daemonproc.py).
+    ``raises[name]`` makes a method raise; ``gates[name]`` makes it block until that event is
+    set (``entered`` is set when it starts waiting).
     """
-    a = os.path.join(root, "a")
-    b = os.path.join(root, "b")
-    os.mkdir(a)
-    os.mkdir(b)
-    ga, gb = Guard(a), Guard(b)
-    ga.save(SID, make_session(10, SID))
-    shrunk = make_session(10, SID)
-    shrunk["messages"] = shrunk["messages"][:3]
-    ga.save(SID, shrunk)
-    ga.save("steady", make_session(5, "steady"))
-    ga.save("dup", make_session(4, "dup"))
-    ga.save("dup", make_session(2, "dup"))
-    gb.save("dup", make_session(6, "dup"))
-    return [ga, gb], {"a": a, "b": b}
+
+    def __init__(self, results: dict[str, Any] | None = None) -> None:
+        self.results = {**CANNED, **(results or {})}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.raises: dict[str, BaseException] = {}
+        self.gates: dict[str, threading.Event] = {}
+        self.entered = threading.Event()
+        self.lock = threading.Lock()
+
+    def _answer(self, name: str, kw: dict[str, Any]) -> Any:
+        with self.lock:
+            self.calls.append((name, kw))
+        gate = self.gates.get(name)
+        if gate is not None:
+            self.entered.set()
+            gate.wait(10)
+        if name in self.raises:
+            raise self.raises[name]
+        return copy.deepcopy(self.results[name])
+
+    def called(self, name: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [kw for n, kw in self.calls if n == name]
+
+    def status(self, *, watch, caller):
+        return self._answer("status", {"watch": watch, "caller": caller})
+
+    def list(self, *, watch, shrunk_only, intended, caller):
+        return self._answer("list", {"watch": watch, "shrunk_only": shrunk_only, "intended": intended,
+                                     "caller": caller})
+
+    def history(self, *, sid, watch, caller):
+        return self._answer("history", {"sid": sid, "watch": watch, "caller": caller})
+
+    def show(self, *, sid, version, most, watch, messages, first, limit, caller):
+        return self._answer("show", {"sid": sid, "version": version, "most": most, "watch": watch,
+                                     "messages": messages, "first": first, "limit": limit, "caller": caller})
+
+    def diff(self, *, sid, version, most, watch, caller):
+        return self._answer("diff", {"sid": sid, "version": version, "most": most, "watch": watch, "caller": caller})
+
+    def sync(self, *, timeout, caller):
+        return self._answer("sync", {"timeout": timeout, "caller": caller})
+
+    def metrics(self, *, caller):
+        return self._answer("metrics", {"caller": caller})
+
+    def restore(self, *, sid, version, most, watch, dry_run, expect, caller):
+        return self._answer("restore", {"sid": sid, "version": version, "most": most, "watch": watch,
+                                        "dry_run": dry_run, "expect": expect, "caller": caller})
+
+    def recover(self, *, since, watch, dry_run, undo, caller):
+        return self._answer("recover", {"since": since, "watch": watch, "dry_run": dry_run, "undo": undo,
+                                        "caller": caller})
+
+    def forget(self, *, sid, watch, before, caller):
+        return self._answer("forget", {"sid": sid, "watch": watch, "before": before, "caller": caller})
+
+    def prune(self, *, watch, caller):
+        return self._answer("prune", {"watch": watch, "caller": caller})
 
 
 def short_tmpdir(prefix: str = "sg") -> str:
@@ -243,4 +210,4 @@ def run_as(who: str, accounts, public_client, sock: str, *args: str) -> subproce
     pw = accounts["users"][who]
     cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
            py, "-m", "sessionguard.ctl", "--socket", sock, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)

@@ -1,277 +1,431 @@
-"""sessionguardctl, run as a subprocess against a real control socket over a real store.
+"""sessionguardctl, run as a subprocess against the REAL daemon (daemonproc.py): real files,
+real inotify, real store. The client's formatting and exit codes on crafted results are in
+test_ctl_views.py (stub server).
 
-Authorisation tests create throwaway users and groups (root only) and run the
-client as them with ``setpriv --reuid --regid --init-groups``. The project's
-venv interpreter is a symlink into /root (mode 0700), which another user may
-not be able to execute, so the client is run by the first interpreter that a
-probe shows the user can run ``import sessionguard.ctl`` with:
-``sys.executable``, else ``/usr/bin/python3``; either way ``PYTHONPATH`` points
-at a world-readable tmp copy of the ``sessionguard`` package and of ``orjson``
-(a compiled wheel for the same CPython 3.11 ABI), so the checkout's location
-does not matter. If no candidate works the tests skip saying why.
+Authorisation and spoofing tests create throwaway users and groups (root only) and run
+processes as them with ``setpriv``; the project's venv interpreter lives under /root, so
+they use the interpreter the ``public_client`` fixture (conftest.py) found runnable.
+Socket discovery runs in a private mount namespace with its own tmpfs on /run, so the
+machine's /run/sessionguard.sock is never touched.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
-import time
-from datetime import datetime, timezone
+import textwrap
+from pathlib import Path
 
 import orjson
 import pytest
 
-from sessionguard import ctl as ctlmod
-from sessionguard.control import ControlServer
-from sgbackend import SID, GuardBackend, Recorder, populate, rmtree, run_as, short_tmpdir
-from sghelpers import count_of
+from daemonproc import DaemonProc
+from sessionguard.paths import DAEMON_USER_ENV, SOCKET_ENV
+from sgbackend import rmtree, run_as, short_tmpdir
+from sghelpers import IS_ROOT, count_of, make_session, server_write
 
 CTL = [sys.executable, "-m", "sessionguard.ctl"]
+SID = "abc123def456"
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture
-def world(tmp_path):
-    guards, dirs = populate(str(tmp_path))
-    return GuardBackend(guards), dirs
-
-
-@pytest.fixture
-def daemon(world):
-    d = short_tmpdir()
-    path = os.path.join(d, "ctl.sock")
-    rec = Recorder()
-    srv = ControlServer(world[0], path=path, logger=rec)
-    srv.start()
-    yield path, rec
-    srv.stop()
-    rmtree(d)
-
-
-def run(*args: str, sock: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = list(CTL) + (["--socket", sock] if sock else []) + list(args)
-    full_env = dict(os.environ)
-    full_env.pop(ctlmod.SOCKET_ENV, None)
+def run(*args: str, sock: str | None = None, env: dict[str, str] | None = None,
+        cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [*CTL, *(["--socket", sock] if sock else []), *args]
+    full_env = {k: v for k, v in os.environ.items() if k not in (SOCKET_ENV, DAEMON_USER_ENV)}
     full_env.update(env or {})
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=full_env, cwd=cwd, check=False)
 
 
-# -- every command ------------------------------------------------------------------
+def _config(base: Path, groups: dict[str, str] | None) -> Path:
+    cfg = base / "sg.toml"
+    daemon = f'[daemon]\nread_group = "{groups["read"]}"\nadmin_group = "{groups["admin"]}"\n\n' if groups else ""
+    cfg.write_text(f'{daemon}[[watch]]\npath = "{base / "a"}"\n\n[[watch]]\npath = "{base / "b"}"\n')
+    return cfg
 
-def test_status(daemon):
-    path, _ = daemon
-    p = run("status", sock=path)
+
+def start_world(base: Path, groups: dict[str, str] | None = None) -> DaemonProc:
+    """Two watches: ``SID`` in a (10 messages, wiped to 3 while watched), ``steady`` in a
+    (5), ``dup`` in a (4, cut to 2) and in b (6)."""
+    for w in ("a", "b"):
+        (base / w).mkdir()
+    server_write(base / "a" / f"{SID}.json", make_session(10, SID))
+    server_write(base / "a" / "steady.json", make_session(5, "steady"))
+    server_write(base / "a" / "dup.json", make_session(4, "dup"))
+    server_write(base / "b" / "dup.json", make_session(6, "dup"))
+    d = DaemonProc(base, ["--config", str(_config(base, groups))]).started()
+    shrunk = make_session(10, SID)
+    shrunk["messages"] = shrunk["messages"][:3]
+    server_write(base / "a" / f"{SID}.json", shrunk)
+    dup = make_session(4, "dup")
+    dup["messages"] = dup["messages"][:2]
+    server_write(base / "a" / "dup.json", dup)
+    d.sync()
+    return d
+
+
+@pytest.fixture
+def world():
+    """(daemon, base dir): a short, world-traversable base (other users reach the socket)."""
+    base = Path(short_tmpdir("sgctl"))
+    os.chmod(base, 0o755)
+    d = start_world(base)
+    yield d, base
+    d.stop()
+    rmtree(str(base))
+
+
+# -- every command on the real daemon --------------------------------------------------------------
+
+
+def test_status(world):
+    d, base = world
+    p = run("status", sock=d.socket)
     assert p.returncode == 0, p.stderr
-    assert "sessions:" in p.stdout and "degraded:" in p.stdout and "watch " in p.stdout
-    assert " KiB" in p.stdout  # store size, humanised
-    j = run("--json", "status", sock=path)
-    assert orjson.loads(j.stdout)["sessions"] == 4
+    assert p.stdout.startswith("Daemon\n") and f"Watch {base / 'a'}" in p.stdout and f"Watch {base / 'b'}" in p.stdout
+    j = orjson.loads(run("--json", "status", sock=d.socket).stdout)
+    assert j["sessions"] == 4 and [w["sessions"] for w in j["watches"]] == [3, 1]
+    only_b = orjson.loads(run("--json", "status", "--watch", str(base / "b"), sock=d.socket).stdout)
+    assert [w["path"] for w in only_b["watches"]] == [str(base / "b")] and only_b["sessions"] == 1
 
 
-def test_list(daemon):
-    path, _ = daemon
-    p = run("list", sock=path)
+def test_list(world):
+    d, base = world
+    p = run("list", sock=d.socket)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].split() == ["SID", "COUNT", "HIGH", "VERSIONS", "LAST", "SHRINK", "WATCH"]
+    assert lines[0].split() == ["SID", "STATE", "COUNT", "HIGH", "VERSIONS", "LAST", "LOSS", "WATCH"]
     row = next(line for line in lines if line.startswith(SID))
-    assert row.split()[1:4] == ["3", "10", "1"] and "(20" in row  # relative + absolute time
-    shrunk = run("list", "--shrunk", sock=path).stdout
+    assert row.split()[1:5] == ["shrunk", "3", "10", "1"] and "(20" in row  # relative + absolute time
+    shrunk = run("list", "--shrunk", sock=d.socket).stdout
     assert SID in shrunk and "steady" not in shrunk
-    j = orjson.loads(run("--json", "list", sock=path).stdout)
-    assert {s["sid"] for s in j["sessions"]} == {SID, "steady", "dup"}
+    j = orjson.loads(run("--json", "list", sock=d.socket).stdout)
+    assert {(s["sid"], s["state"]) for s in j["sessions"]} == {(SID, "shrunk"), ("steady", "ok"), ("dup", "shrunk"),
+                                                                ("dup", "ok")}
+    only_b = orjson.loads(run("--json", "list", "--watch", str(base / "b"), sock=d.socket).stdout)
+    assert [s["sid"] for s in only_b["sessions"]] == ["dup"]
 
 
-def test_history(daemon, world):
-    path, _ = daemon
-    p = run("history", SID, sock=path)
+def test_history_show_diff(world):
+    d, _ = world
+    [v] = d.call("history", {"sid": SID})["versions"]
+    p = run("history", SID, sock=d.socket)
     assert p.returncode == 0, p.stderr
-    [v] = world[0].history(SID, None)
-    assert f"* {v.id}" in p.stdout and "shrink" in p.stdout and "library" in p.stdout
-    assert f"best version (restored when no VERSION is given): {v.id}" in p.stdout
-    assert "steady has no kept versions" in run("history", "steady", sock=path).stdout
-
-
-def test_show(daemon, world):
-    path, _ = daemon
-    [v] = world[0].history(SID, None)
-    p = run("show", SID, v.id[:5], "--messages", sock=path)
+    assert f"RM  {v['id']}" in p.stdout and "shrink" in p.stdout and "daemon" in p.stdout
+    assert f"R  restored when no VERSION is given: {v['id']}" in p.stdout
+    assert "steady has no kept versions" in run("history", "steady", sock=d.socket).stdout
+    p = run("show", SID, v["id"][:5], "--messages", sock=d.socket)
     assert p.returncode == 0, p.stderr
-    assert f"version:  {v.id}" in p.stdout and "messages: 10" in p.stdout and v.name in p.stdout
+    assert f"version:  {v['id']}" in p.stdout and "messages: 10" in p.stdout and v["name"] in p.stdout
     assert "user: message 0:" in p.stdout and "assistant: message 9:" in p.stdout
-    j = orjson.loads(run("--json", "show", SID, sock=path).stdout)
-    assert j["id"] == v.id and "messages" not in j
-
-
-def test_diff(daemon):
-    path, _ = daemon
-    p = run("diff", SID, sock=path)
+    page = run("show", SID, "--messages", "--first", "4", "--limit", "2", sock=d.socket).stdout
+    assert "4  user: message 4:" in page and "message 6:" not in page and "more: --first 6" in page
+    p = run("diff", SID, sock=d.socket)
     assert p.returncode == 0, p.stderr
-    assert "10 messages" in p.stdout and "live file: 3 messages" in p.stdout
+    assert "10 messages" in p.stdout and "live file: 3 messages (content id " in p.stdout
     assert "7 messages of the version missing from the live file" in p.stdout
     assert "assistant: message 3:" in p.stdout
 
 
-def test_restore_and_undo(daemon, world):
-    path, rec = daemon
-    backend, dirs = world
-    live = backend.guards[dirs["a"]].path(SID)
-
-    dry = run("restore", SID, "--dry-run", sock=path)
+def test_restore_and_undo(world):
+    d, base = world
+    live = base / "a" / f"{SID}.json"
+    dry = run("restore", SID, "--dry-run", sock=d.socket)
     assert dry.returncode == 0, dry.stderr
     assert "would restore session" in dry.stdout and "now has 3 messages" in dry.stdout
     assert count_of(live) == 3
-
-    p = run("restore", SID, sock=path)
+    p = run("restore", SID, sock=d.socket)
     assert p.returncode == 0, p.stderr
     assert f"restored session {SID}" in p.stdout and "(10 messages" in p.stdout
     assert count_of(live) == 10
-    undo_line = next(line for line in p.stdout.splitlines() if line.startswith("to undo: "))
-    undo = shlex.split(undo_line[len("to undo: "):])
-    assert undo[0] == "sessionguardctl" and undo[-3] == "restore" and undo[-2] == SID
-    u = subprocess.run(CTL + undo[1:], capture_output=True, text=True, timeout=60)
+    undo = shlex.split(next(line for line in p.stdout.splitlines() if line.startswith("to undo: "))[9:])
+    assert undo[0] == "sessionguardctl" and undo[-3:-1] == ["restore", SID] and str(base / "a") in undo
+    u = subprocess.run(CTL + undo[1:], capture_output=True, text=True, timeout=60, check=False)
     assert u.returncode == 0, u.stderr
     assert count_of(live) == 3
-    assert [e["sid"] for e in rec.named("session.restored")] == [SID, SID]
-
-    again = run("restore", SID, undo[-1], sock=path)
+    assert [e["sid"] for e in d.events("session.restored")] == [SID, SID]
+    again = run("restore", SID, undo[-1], sock=d.socket)
     assert "already identical" in again.stdout
+    assert len(d.events("session.restored")) == 2, "a restore that changed nothing is not logged as one"
 
 
-def test_watch_option_before_or_after_command(daemon, world):
-    path, _ = daemon
-    _, dirs = world
-    amb = run("history", "dup", sock=path)
+def test_restore_expect_refuses_when_the_live_file_changed(world):
+    d, base = world
+    live_id = orjson.loads(run("--json", "diff", SID, sock=d.socket).stdout)["live_id"]
+    server_write(base / "a" / f"{SID}.json", make_session(2, SID))  # a writer saves meanwhile
+    d.sync()
+    p = run("restore", SID, "--expect", live_id, sock=d.socket)
+    assert p.returncode == 1 and "changed since you looked" in p.stderr
+    assert count_of(base / "a" / f"{SID}.json") == 2
+    now = orjson.loads(run("--json", "diff", SID, sock=d.socket).stdout)["live_id"]
+    assert run("restore", SID, "--expect", now, sock=d.socket).returncode == 0
+    assert count_of(base / "a" / f"{SID}.json") == 10
+
+
+def test_watch_option(world):
+    d, base = world
+    amb = run("history", "dup", sock=d.socket)
     assert amb.returncode == 1 and "several" in amb.stderr
-    assert run("history", "dup", "--watch", dirs["a"], sock=path).returncode == 0
-    p = run("--watch", dirs["a"], "restore", "dup", sock=path)
+    assert run("history", "dup", "--watch", str(base / "a"), sock=d.socket).returncode == 0
+    p = run("--watch", "a", "restore", "dup", sock=d.socket, cwd=str(base))  # relative to the caller's cwd
     assert p.returncode == 0, p.stderr
-    assert f"--watch {dirs['a']} restore dup" in p.stdout  # the undo command keeps the watch
+    assert f"--watch {base / 'a'} restore dup" in p.stdout  # the undo command names the watch
+    nowatch = run("status", "--watch", str(base), sock=d.socket)
+    assert nowatch.returncode == 1 and "is not a watched directory" in nowatch.stderr
 
 
-def test_not_found_and_invalid(daemon):
-    path, _ = daemon
-    p = run("history", "nosuchsession", sock=path)
+def test_not_found_and_invalid(world):
+    d, _ = world
+    p = run("history", "nosuchsession", sock=d.socket)
     assert p.returncode == 1 and "no session 'nosuchsession'" in p.stderr
-    p = run("show", SID, "ffffffff", sock=path)
+    p = run("show", SID, "ffffffff", sock=d.socket)
     assert p.returncode == 1 and "ffffffff" in p.stderr
-    p = run("history", "../etc", sock=path)
+    p = run("history", "../etc", sock=d.socket)
     assert p.returncode == 1 and "sid" in p.stderr
-    p = run("--json", "history", "nosuchsession", sock=path)
+    p = run("--json", "history", "nosuchsession", sock=d.socket)
     assert p.returncode == 1 and orjson.loads(p.stderr)["error"]["code"] == -32004
 
 
-def test_prune_sync_metrics(daemon, world):
-    path, _ = daemon
-    p = run("prune", sock=path)
+def test_prune_sync_metrics_and_env_socket(world):
+    d, _ = world
+    p = run("prune", sock=d.socket)
     assert p.returncode == 0 and "removed 0 versions, freed 0 B" in p.stdout
-    p = run("sync", "--timeout", "3", sock=path)
+    p = run("sync", "--timeout", "3", sock=d.socket)
     assert p.returncode == 0 and "synced" in p.stdout
-    assert world[0].sync_calls == [3.0]
-    p = run("metrics", sock=path)
-    assert p.returncode == 0 and "sessionguard_versions 2" in p.stdout
+    p = run("metrics", sock=d.socket)
+    assert p.returncode == 0 and "sessionguard_store_versions 2" in p.stdout
+    assert run("status", env={SOCKET_ENV: d.socket}).returncode == 0
 
 
-def test_env_socket(daemon):
-    path, _ = daemon
-    p = run("status", env={ctlmod.SOCKET_ENV: path})
-    assert p.returncode == 0, p.stderr
+def test_hostile_ids_and_messages_print_escaped(tmp_path):
+    """A session file whose name and messages carry terminal escapes: every view prints them
+    escaped (raw bytes checked), and the printed undo command works when pasted into bash."""
+    base = Path(short_tmpdir("sgesc"))
+    evil = "evil\x1b[31m\u202e"
+    try:
+        (base / "a").mkdir()
+        (base / "b").mkdir()
+        doc = make_session(4, "x")
+        doc["messages"][2]["content"] = "pwned \x1b]0;title\x07 \x1b[2J \x9b1m"
+        server_write(base / "a" / f"{evil}.json", doc)
+        d = DaemonProc(base, ["--config", str(_config(base, None))]).started()
+        try:
+            server_write(base / "a" / f"{evil}.json", make_session(0, "x"))
+            d.sync()
+            outs = [subprocess.run([*CTL, "--socket", d.socket, *args], capture_output=True, timeout=60, check=False)
+                    for args in (["list"], ["history", evil], ["show", evil, "--messages"], ["diff", evil])]
+            for p in outs:
+                assert p.returncode == 0, p.stderr
+                for bad in (b"\x1b", b"\x07", "\x9b".encode(), "\u202e".encode()):
+                    assert bad not in p.stdout, (bad, p.stdout[:500])
+            assert b"evil\\x1b[31m\\u202e" in outs[0].stdout
+            assert b"pwned \\x1b]0;title\\x07 \\x1b[2J \\x9b1m" in outs[2].stdout
+            assert b"pwned \\x1b]0;title" in outs[3].stdout
+            restored = subprocess.run([*CTL, "--socket", d.socket, "restore", evil], capture_output=True,
+                                      text=True, timeout=60, check=False)
+            undo = next(line for line in restored.stdout.splitlines() if line.startswith("to undo: "))[9:]
+            env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+            assert shutil.which("sessionguardctl", path=env["PATH"]), "the venv's console script"
+            u = subprocess.run(["bash", "-c", undo], capture_output=True, text=True, timeout=60, env=env, check=False)
+            assert u.returncode == 0, (undo, u.stderr)
+            assert count_of(base / "a" / f"{evil}.json") == 0, "the undo put the wiped file back"
+        finally:
+            d.stop()
+    finally:
+        rmtree(str(base))
 
 
-def test_unreachable(tmp_path):
-    missing = str(tmp_path / "nope.sock")
-    p = run("status", sock=missing)
-    assert p.returncode == 3
-    assert missing in p.stderr and "systemctl status sessionguard" in p.stderr and "permission" in p.stderr
-    notsock = tmp_path / "file"
-    notsock.write_text("x")
-    assert run("list", sock=str(notsock)).returncode == 3
+# -- authorisation with real users (root only) ----------------------------------------------------
 
-
-def test_usage_errors():
-    assert run().returncode == 2
-    assert run("frobnicate").returncode == 2
-    assert run("sync", "--timeout", "-1").returncode == 2
-    assert run("history").returncode == 2
-    h = run("--help")
-    assert h.returncode == 0 and "examples:" in h.stdout and "restore abc123 --dry-run" in h.stdout
-
-
-def test_formatting_helpers():
-    assert ctlmod.human_size(412.3 * 1024) == "412.3 KiB"
-    assert ctlmod.human_size(512) == "512 B"
-    assert ctlmod.human_size(3 * 1024 ** 3) == "3.0 GiB"
-    now = time.time()
-    assert ctlmod.relative(datetime.fromtimestamp(now - 185, timezone.utc), now) == "3 min ago"
-    assert ctlmod.relative(datetime.fromtimestamp(now - 3 * 86400, timezone.utc), now) == "3 days ago"
-    assert ctlmod.when(None) == "-"
-    assert "ago (" in ctlmod.when(datetime.fromtimestamp(now - 100, timezone.utc).isoformat())
-    t = ctlmod.table(["A", "N"], [("x", 1), ("long", 100)], right=(1,))
-    assert t.splitlines() == ["A       N", "x       1", "long  100"]
-
-
-# -- authorisation with real users (root only) ----------------------------------------
 
 @pytest.fixture
-def shared_daemon(world, accounts):
-    d = short_tmpdir()
-    os.chmod(d, 0o755)
-    path = os.path.join(d, "ctl.sock")
-    rec = Recorder()
-    srv = ControlServer(world[0], path=path, logger=rec, read_group=accounts["groups"]["read"],
-                        admin_group=accounts["groups"]["admin"])
-    srv.start()
-    os.chmod(path, 0o666)  # let every test user connect: SO_PEERCRED alone decides
-    yield path, rec
-    srv.stop()
-    rmtree(d)
+def shared_world(accounts):
+    base = Path(short_tmpdir("sgsh"))
+    os.chmod(base, 0o755)
+    d = start_world(base, accounts["groups"])
+    os.chmod(d.socket, 0o666)  # let every test user connect: SO_PEERCRED alone decides
+    yield d, base
+    d.stop()
+    rmtree(str(base))
 
 
-def test_reader_can_list_but_not_restore(accounts, public_client, shared_daemon, world):
-    path, rec = shared_daemon
-    backend, dirs = world
-    p = run_as("reader", accounts, public_client, path, "list")
+def test_reader_can_list_but_not_restore(accounts, public_client, shared_world):
+    d, base = shared_world
+    p = run_as("reader", accounts, public_client, d.socket, "list")
     assert p.returncode == 0, p.stderr
     assert SID in p.stdout
-    p = run_as("reader", accounts, public_client, path, "restore", SID)
+    p = run_as("reader", accounts, public_client, d.socket, "restore", SID)
     assert p.returncode == 1
     assert "permission denied: restore needs membership of the admin group" in p.stderr
     assert accounts["groups"]["admin"] in p.stderr
-    assert count_of(backend.guards[dirs["a"]].path(SID)) == 3  # untouched
+    assert count_of(base / "a" / f"{SID}.json") == 3  # untouched
     uid = accounts["users"]["reader"].pw_uid
-    assert {"uid": uid, "method": "restore"}.items() <= rec.named("control.denied")[-1].items()
+    assert {"uid": uid, "method": "restore"}.items() <= d.events("control.denied")[-1].items()
 
 
-def test_outsider_is_refused_even_list(accounts, public_client, shared_daemon):
-    path, rec = shared_daemon
-    p = run_as("outsider", accounts, public_client, path, "list")
+def test_outsider_is_refused_even_list(accounts, public_client, shared_world):
+    d, _ = shared_world
+    p = run_as("outsider", accounts, public_client, d.socket, "list")
     assert p.returncode == 1
     assert "permission denied: list needs membership of" in p.stderr
     assert accounts["groups"]["read"] in p.stderr
-    assert rec.named("control.denied")[-1]["uid"] == accounts["users"]["outsider"].pw_uid
+    assert d.events("control.denied")[-1]["uid"] == accounts["users"]["outsider"].pw_uid
 
 
-def test_admin_can_restore(accounts, public_client, shared_daemon, world):
-    path, _ = shared_daemon
-    backend, dirs = world
-    p = run_as("admin", accounts, public_client, path, "restore", SID)
+def test_admin_can_restore(accounts, public_client, shared_world):
+    d, base = shared_world
+    p = run_as("admin", accounts, public_client, d.socket, "restore", SID)
     assert p.returncode == 0, p.stderr
-    assert count_of(backend.guards[dirs["a"]].path(SID)) == 10
+    assert count_of(base / "a" / f"{SID}.json") == 10
+    assert d.events("session.restored")[-1]["uid"] == accounts["users"]["admin"].pw_uid
 
 
-def test_unprivileged_user_cannot_connect_to_0660_socket(accounts, public_client, world):
-    """Without the chmod, the file mode keeps outsiders out before SO_PEERCRED: exit 3 with the hint."""
-    d = short_tmpdir()
+def test_outsider_cannot_connect_to_the_0660_socket_and_is_told_the_group(accounts, public_client, shared_world):
+    d, _ = shared_world
+    os.chmod(d.socket, 0o660)
+    p = run_as("outsider", accounts, public_client, d.socket, "status")
+    assert p.returncode == 3 and "Permission denied" in p.stderr and d.socket in p.stderr
+    assert f"usermod -aG {accounts['groups']['read']}" in p.stderr  # the socket's group
+    p = run_as("reader", accounts, public_client, d.socket, "status")  # socket group = read group
+    assert p.returncode == 0, p.stderr
+
+
+SPOOF = textwrap.dedent("""\
+    import socket, sys
+    path, log = sys.argv[1], sys.argv[2]
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.listen(4)
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        c.settimeout(2)
+        try:
+            data = c.recv(65536)
+        except OSError:
+            data = b""
+        with open(log, "ab") as f:
+            f.write(data)
+        try:
+            c.sendall(b'{"jsonrpc": "2.0", "id": 1, "result": {"sid": "abc123def456", "restored": '
+                      b'{"id": "ffff", "count": 1000}, "pre_restore": null, "dry_run": false, "unchanged": false}}\\n')
+        except OSError:
+            pass  # the client left without a word
+        c.close()
+""")
+
+
+def test_a_socket_served_by_another_user_gets_nothing(accounts, public_client):
+    """Another local user creates the socket first and answers "restored": the client checks
+    SO_PEERCRED before sending a byte, refuses, and says why; naming that user trusts it."""
+    py, env = public_client
+    pw = accounts["users"]["outsider"]
+    d = short_tmpdir("sgspoof")
     os.chmod(d, 0o755)
-    path = os.path.join(d, "ctl.sock")
-    srv = ControlServer(world[0], path=path, logger=Recorder(), read_group=accounts["groups"]["read"])
-    srv.start()
+    os.chown(d, pw.pw_uid, pw.pw_gid)
+    sock, log = os.path.join(d, "evil.sock"), os.path.join(d, "received")
+    server = subprocess.Popen(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+                               py, "-c", SPOOF, sock, log], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        p = run_as("outsider", accounts, public_client, path, "status")
-        assert p.returncode == 3 and "Permission denied" in p.stderr and path in p.stderr
-        p = run_as("reader", accounts, public_client, path, "status")  # socket group = read group
-        assert p.returncode == 0, p.stderr
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        p = run("restore", SID, sock=sock)
+        assert p.returncode == 3, (p.stdout, p.stderr)
+        assert "refusing to talk to" in p.stderr and f"uid {pw.pw_uid} ({pw.pw_name})" in p.stderr
+        assert "Nothing was sent" in p.stderr and "restored" not in p.stdout
+        assert not os.path.exists(log) or os.path.getsize(log) == 0, "the client sent something"
+        trusted = run("restore", SID, "--daemon-user", pw.pw_name, sock=sock)
+        assert trusted.returncode == 0 and "restored session" in trusted.stdout, trusted.stderr
+        assert b'"method":"restore"' in Path(log).read_bytes()
     finally:
-        srv.stop()
+        server.kill()
+        server.wait()
         rmtree(d)
+
+
+# -- where the client looks for the socket (a private /run) -----------------------------------------
+
+DISCOVERY = textwrap.dedent("""\
+    import json, os, subprocess, sys
+    sys.path.insert(0, sys.argv[1])
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run"], check=True)
+    from sgbackend import CannedBackend
+    from sessionguard.control import ControlServer
+
+    def ctl(*args, **env):
+        e = {k: v for k, v in os.environ.items() if k not in ("SESSIONGUARD_SOCKET", "XDG_RUNTIME_DIR")}
+        e.update(env)
+        p = subprocess.run([sys.executable, "-m", "sessionguard.ctl", "--json", *args], capture_output=True,
+                           text=True, env=e)
+        return {"rc": p.returncode, "out": p.stdout, "err": p.stderr}
+
+    out = {"nothing": ctl("status")}
+    xdg = sys.argv[2]
+    own = ControlServer(CannedBackend({"status": {"who": "xdg"}}), path=os.path.join(xdg, "sessionguard.sock"))
+    own.start()
+    out["xdg"] = ctl("status", XDG_RUNTIME_DIR=xdg)
+    system = ControlServer(CannedBackend({"status": {"who": "system"}}), path="/run/sessionguard.sock")
+    system.start()
+    out["system"] = ctl("status", XDG_RUNTIME_DIR=xdg)
+    out["env"] = ctl("status", XDG_RUNTIME_DIR=xdg, SESSIONGUARD_SOCKET=os.path.join(xdg, "sessionguard.sock"))
+    system.stop()
+    own.stop()
+    print(json.dumps(out))
+""")
+
+
+def test_socket_discovery_order():
+    """$SESSIONGUARD_SOCKET, else /run/sessionguard.sock when it exists, else
+    $XDG_RUNTIME_DIR/sessionguard.sock; never /tmp; the hint names every path tried."""
+    if not IS_ROOT or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare: a private mount namespace with its own /run")
+    xdg = short_tmpdir("sgxdg")
+    try:
+        p = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", DISCOVERY,
+                            TESTS, xdg], capture_output=True, text=True, timeout=120, check=False)
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+    finally:
+        rmtree(xdg)
+    nothing = out["nothing"]
+    assert nothing["rc"] == 3, nothing
+    assert "/run/sessionguard.sock (not there)" in nothing["err"]
+    assert "XDG_RUNTIME_DIR is not set" in nothing["err"] and "/tmp" not in nothing["err"]
+    assert "usermod -aG sessionguard" in nothing["err"]
+    assert json.loads(out["xdg"]["out"]) == {"who": "xdg"}
+    assert json.loads(out["system"]["out"]) == {"who": "system"}, "the system socket comes first"
+    assert json.loads(out["env"]["out"]) == {"who": "xdg"}, "$SESSIONGUARD_SOCKET wins"
+
+
+def test_a_non_root_daemon_without_a_socket_path_says_so_and_keeps_guarding(tmp_path):
+    """No --socket, no XDG_RUNTIME_DIR, not root: no socket in /tmp; the daemon logs why and
+    how to fix it, reports it degraded, and keeps protecting the files."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    sdir = tmp_path / "s"
+    sdir.mkdir()
+    server_write(sdir / f"{SID}.json", make_session(5, SID))
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "NOTIFY_SOCKET")}
+    log = tmp_path / "log"
+    with open(log, "wb") as f:  # a user namespace without mapping: the daemon sees uid 65534
+        proc = subprocess.Popen(["unshare", "--user", sys.executable, "-m", "sessionguard.daemon", "--watch",
+                                 str(sdir), "--log-format", "json"], stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        from daemonproc import eventually
+
+        def events(name):
+            return [e for e in map(json.loads, log.read_bytes().splitlines()) if e.get("event") == name]
+
+        eventually(lambda: events("daemon.started") or proc.poll() is not None, what="daemon.started")
+        [failed] = events("control.failed")
+        assert "--socket" in failed["error"] and "XDG_RUNTIME_DIR" in failed["error"]
+        assert not os.path.lexists("/tmp/sessionguard-65534.sock")
+        server_write(sdir / f"{SID}.json", make_session(0, SID))
+        eventually(lambda: list((sdir / ".sessionguard" / "sessions" / SID).glob("*_5msgs_*.version")),
+                   what="the wipe kept all the same")
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -67,14 +67,14 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from sessionguard import Guard
-from sessionguard.control import (
-    _METHODS,
+from sessionguard.protocol import (
     DENIED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     MAX_LINE,
     METHOD_NOT_FOUND,
+    METHODS,
     NOT_FOUND,
     PARSE_ERROR,
 )
@@ -106,9 +106,9 @@ FUZZ = settings(
 )
 
 IO_TIMEOUT = 30.0  # a generous bound: hitting it means the daemon hung, not that it was slow
-READ_METHODS = sorted(m for m, spec in _METHODS.items() if not spec.admin)
-ADMIN_METHODS = sorted(m for m, spec in _METHODS.items() if spec.admin)
-SID_METHODS = sorted(m for m, spec in _METHODS.items() if "sid" in spec.params)
+READ_METHODS = sorted(m for m, spec in METHODS.items() if not spec.admin)
+ADMIN_METHODS = sorted(m for m, spec in METHODS.items() if spec.admin)
+SID_METHODS = sorted(m for m, spec in METHODS.items() if spec.takes("sid"))
 
 # -- the world ---------------------------------------------------------------------------
 
@@ -480,7 +480,7 @@ def refine(exp: Expect, req: dict[str, Any], role: str) -> Expect:
     """The documented answer for a well-formed request from a peer in *role*
     (root, reader: read methods only, outsider: nothing)."""
     method = req["method"]
-    spec = _METHODS.get(method)
+    spec = METHODS.get(method)
     if spec is None:
         return Expect(exp.id, frozenset({METHOD_NOT_FOUND}), exp.line)
     if role == "outsider" or (role == "reader" and spec.admin):
@@ -571,14 +571,20 @@ scalars = st.one_of(
 )
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(strings, inner, max_size=3), max_leaves=8)
-PARAM_NAMES = sorted({n for spec in _METHODS.values() for n in spec.params})
+PARAM_NAMES = sorted({p.name for spec in METHODS.values() for p in spec.params})
 PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "sid": st.one_of(hostile_strings, hostile_strings, strings),
     "watch": st.one_of(st.none(), strings), "version": st.one_of(st.none(), strings),
-    "messages": st.booleans(), "dry_run": st.booleans(), "shrunk_only": st.booleans(),
-    "timeout": st.floats(0.001, 3),
+    "messages": st.booleans(), "dry_run": st.booleans(), "shrunk_only": st.booleans(), "intended": st.booleans(),
+    "most": st.booleans(), "timeout": st.floats(0.001, 3),
+    "first": st.one_of(st.integers(-3, 2000), st.sampled_from(BIG_INTS)),
+    "limit": st.one_of(st.none(), st.integers(-3, 2000)),
+    "expect": st.one_of(st.none(), st.text("0123456789abcdefABCDEFg", min_size=15, max_size=17), strings),
+    "since": st.one_of(st.none(), st.floats(-10, 2e9), st.integers(-10, 2 * 10**9), strings),
+    "before": st.one_of(st.none(), st.floats(-10, 2e9), strings),
+    "undo": st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9._:-]{1,20}", fullmatch=True), strings),
 }
-known_methods = st.sampled_from(sorted(_METHODS))
+known_methods = st.sampled_from(sorted(METHODS))
 methods = st.one_of(  # repeated branches weigh the real methods 3:1:1
     known_methods, known_methods, known_methods,
     st.sampled_from(["_m_status", "_call", "__init__", "stop", "_shutdown", "STATUS", "status ", " status",
@@ -589,8 +595,8 @@ methods = st.one_of(  # repeated branches weigh the real methods 3:1:1
 
 @st.composite
 def params_for(draw: st.DrawFn, method: str) -> Any:
-    spec = _METHODS.get(method)
-    names = list(spec.params) if spec else []
+    spec = METHODS.get(method)
+    names = [p.name for p in spec.params] if spec else []
     shape = draw(st.sampled_from(["by-name"] * 5 + ["extra", "absent", "null", "other"]))
     if shape == "absent":
         return _ABSENT
@@ -651,13 +657,23 @@ def render(value: Any, w: World) -> Any:
 
 
 def made_safe(req: dict[str, Any]) -> dict[str, Any]:
-    """A real session id may reach ``restore`` only as a dry run: the live files must stay
-    as they are (a valid restore is tested once, on its own daemon). Invalid ``dry_run``
-    values stay: they are refused before anything happens."""
+    """The live files and the store must stay as they are (a valid restore is tested once, on
+    its own daemon): a real session id reaches ``restore`` only as a dry run, ``recover`` runs
+    only as a dry run, and ``forget`` never gets a real session id. Invalid ``dry_run`` values
+    stay: they are refused before anything happens."""
     params = req.get("params")
-    if req.get("method") == "restore" and isinstance(params, dict) and isinstance(params.get("sid"), str):
-        if params["sid"] in REAL_SIDS and params.get("dry_run", False) is False:
-            return dict(req, params=dict(params, dry_run=True))
+    method = req.get("method")
+    if method == "recover" and params is None:  # absent or null: the defaults, so not a dry run
+        return dict(req, params={"dry_run": True})
+    if not isinstance(params, dict):
+        return req
+    if method == "restore" and isinstance(params.get("sid"), str) and params["sid"] in REAL_SIDS \
+            and params.get("dry_run", False) is False:
+        return dict(req, params=dict(params, dry_run=True))
+    if method == "recover" and params.get("dry_run", False) is False:
+        return dict(req, params=dict(params, dry_run=True))
+    if method == "forget" and isinstance(params.get("sid"), str) and params["sid"] in REAL_SIDS:
+        return dict(req, params=dict(params, sid="no-such-session"))
     return req
 
 
@@ -680,7 +696,7 @@ non_objects = st.one_of(
 def raw_payloads(draw: st.DrawFn) -> bytes:
     """Bytes a broken or malicious client sends: junk, invalid UTF-8, mutated requests."""
     def mutated() -> bytes:
-        method = draw(st.sampled_from(sorted(_METHODS)))
+        method = draw(st.sampled_from(sorted(m for m in METHODS if m not in ("recover", "forget"))))
         params = {"sid": "beta", "dry_run": True} if method == "restore" else {"sid": "beta"}  # see made_safe
         line = bytearray(encode({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, True))
         for _ in range(draw(st.integers(1, 4))):
@@ -845,9 +861,11 @@ def test_every_hostile_id_at_every_method(world) -> None:
         for method in SID_METHODS:
             if value not in REAL_SIDS:
                 lines.append((req(method, sid=value), _refused))
-            spec = _METHODS[method]
+            if method == "forget":
+                continue  # never with a real id (see made_safe)
+            spec = METHODS[method]
             names_beta = bool(value) and (value == beta.name or beta.id.startswith(value))
-            if "version" in spec.params:
+            if spec.takes("version"):
                 lines.append((req(method, sid="beta", version=value),
                               (lambda r: "result" in r) if names_beta else _refused))
             is_w1 = bool(value) and "\0" not in value and os.path.abspath(value) == str(w.w1)
@@ -879,10 +897,10 @@ def test_every_privileged_method_is_refused_to_peers_without_the_group(world, pe
     ``control.denied`` line with the peer's uid for each refusal."""
     before = len(world.daemon.events("control.denied"))
     plain = {"sid": "beta", "watch": str(world.w1)}
-    params = {m: {k: v for k, v in plain.items() if k in spec.params} for m, spec in _METHODS.items()}
+    params = {m: {k: v for k, v in plain.items() if spec.takes(k)} for m, spec in METHODS.items()}
     denied = 0
     for role in ("reader", "outsider"):
-        for method in sorted(_METHODS):
+        for method in sorted(METHODS):
             line = encode({"jsonrpc": "2.0", "id": method, "method": method, "params": params[method]}, True)
             got = exchange(peers[role].connect, line + b"\n", "halfclose")
             [resp] = [orjson.loads(x) for x in got.lines]
@@ -893,7 +911,7 @@ def test_every_privileged_method_is_refused_to_peers_without_the_group(world, pe
                 denied += 1
                 assert resp["error"]["code"] == DENIED and resp["error"]["data"]["uid"] == 65534, (role, resp)
                 assert f"permission denied: {method} needs" in resp["error"]["message"]
-    assert denied == len(ADMIN_METHODS) + len(_METHODS)
+    assert denied == len(ADMIN_METHODS) + len(METHODS)
     for role in ("reader", "outsider"):  # refused before the params are looked at
         for method in ADMIN_METHODS:
             line = encode({"jsonrpc": "2.0", "id": 9, "method": method, "params": {"sid": "../x", "bogus": 1}}, True)
@@ -901,7 +919,7 @@ def test_every_privileged_method_is_refused_to_peers_without_the_group(world, pe
             assert resp["error"]["code"] == DENIED, (role, resp)
     events = world.daemon.events("control.denied")[before:]
     logged = Counter(e["method"] for e in events)
-    assert all(logged[m] >= (2 if m in ADMIN_METHODS else 1) for m in _METHODS), logged
+    assert all(logged[m] >= (2 if m in ADMIN_METHODS else 1) for m in METHODS), logged
     assert all(e["uid"] == 65534 for e in events)
 
 

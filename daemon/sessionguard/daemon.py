@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from . import __version__, config, fsutil, passes, systemd
+from . import __version__, config, fsutil, passes, paths, systemd
 from . import log as logconf
 from .config import Config
 from .errors import ConfigError, StoreError
@@ -99,8 +99,12 @@ class Daemon:
     def _start_control(self) -> None:
         from .control import ControlServer
 
+        sock = systemd.activated_socket("control")
+        if sock is None and not self.cfg.socket:
+            self.stats.degrade("control", f"control socket unavailable: {paths.NO_DEFAULT_SOCKET}")
+            self.log.error("control.failed", socket=None, error=paths.NO_DEFAULT_SOCKET)
+            return
         try:
-            sock = systemd.activated_socket("control")
             self.control = ControlServer(self.service, path=None if sock else self.cfg.socket, sock=sock,
                                          read_group=self.cfg.read_group, admin_group=self.cfg.admin_group,
                                          logger=self.log)
@@ -185,8 +189,7 @@ class Daemon:
             self.log.error("config.invalid", error=str(exc), action="kept the running configuration")
             systemd.notify("READY=1", f"STATUS={self.status_line()}")
             return
-        restart = [k for k in ("socket", "log_format", "read_group", "admin_group")
-                   if getattr(new, k) != getattr(self.cfg, k)]
+        restart = config.needs_restart(self.cfg, new)
         if restart:
             self.log.warning("config.needs_restart", keys=restart,
                              note="these keys keep their running values until the daemon is restarted")
@@ -310,7 +313,7 @@ store), 2 invalid configuration.
     p.add_argument("--watch", metavar="DIR", action="append", help="session directory to watch (repeatable; "
                    "replaces the config file's watches)")
     p.add_argument("--socket", metavar="PATH", help="control socket (default: /run/sessionguard.sock as root, "
-                   "else $XDG_RUNTIME_DIR/sessionguard.sock)")
+                   "else $XDG_RUNTIME_DIR/sessionguard.sock; never a path in /tmp)")
     p.add_argument("--pin", choices=("auto", "copy", "link"),
                    help="pin method for every watch (default auto: reflink where possible, else copy)")
     p.add_argument("--reconcile-interval", type=float, metavar="SECONDS",
@@ -327,14 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.from_args(args)
     except ConfigError as exc:
-        print(f"sessionguardd: invalid configuration: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"sessionguardd: invalid configuration: {line}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(f"configuration OK ({cfg.source or 'defaults and flags'}):")
-        for w in cfg.watches:
-            print(f"  watch {w.path}  pattern={w.pattern} count={w.count} pin={w.pin} store={w.store_path}")
-        print(f"  socket {cfg.socket}")
-        return 0
+        return config.check_config(cfg, sys.stdout, sys.stderr)
     fmt = logconf.resolve_format(cfg.log_format)
     try:
         if systemd.under_systemd() or fmt == "journal":

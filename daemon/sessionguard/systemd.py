@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 import structlog
+
+from .log import printable
 
 #: Events an operator alerts on get a stable journald MESSAGE_ID (journalctl MESSAGE_ID=…).
 MESSAGE_IDS = {
@@ -87,7 +91,34 @@ def activated_socket(name: str = "control") -> socket.socket | None:
     return socket.socket(fileno=chosen)
 
 
-def journal_renderer(_logger: Any, method: str, event: dict[str, Any]) -> Any:
+def journal_value(value: Any) -> str | None:
+    """A field value as journald should store it: never a Python repr.
+
+    Strings as they are, numbers in decimal, booleans ``true``/``false``,
+    lists and dicts as JSON (a shipper can parse them); ``None`` means the
+    field is left out.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except TypeError:  # a lone surrogate somewhere inside: escaped, like every other log line
+        return orjson.dumps(printable(value), default=str).decode()
+
+
+def journal_field(key: str) -> str:
+    """``sid`` → ``SESSIONGUARD_SESSION``; anything else → ``SESSIONGUARD_<KEY>`` (A–Z, 0–9, _ only)."""
+    safe = "".join(c if c.isascii() and c.isalnum() else "_" for c in key.upper())
+    return _RENAMES.get(key) or "SESSIONGUARD_" + safe
+
+
+def journal_renderer(_logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     """structlog's last processor under journald: native entries with structured fields.
 
     ``PRIORITY`` follows the log level; alertable events carry ``MESSAGE_ID``;
@@ -107,8 +138,9 @@ def journal_renderer(_logger: Any, method: str, event: dict[str, Any]) -> Any:
         fields["MESSAGE_ID"] = MESSAGE_IDS[name]
     summary = [name]
     for key, value in event.items():
-        jkey = _RENAMES.get(key) or "SESSIONGUARD_" + "".join(c if c.isalnum() else "_" for c in key.upper())
-        fields[jkey] = value if isinstance(value, (str, int, float)) else repr(value)
-        summary.append(f"{key}={value}")
+        text = journal_value(value)
+        if text is not None:
+            fields[journal_field(key)] = text
+            summary.append(f"{key}={text}")
     journal.send(" ".join(summary), SYSLOG_IDENTIFIER="sessionguard", **code, **fields)
     raise structlog.DropEvent

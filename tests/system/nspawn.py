@@ -39,23 +39,16 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
 
-__all__ = [
-    "Container",
-    "BootError",
-    "CommandError",
-    "booted_systemd",
-    "nspawn_skip_reason",
-    "ensure_nspawn",
-]
+__all__ = ["BootError", "CommandError", "Container", "booted_systemd", "ensure_nspawn", "nspawn_skip_reason"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike[str]
 #: A unit given to :func:`booted_systemd`: a path to a unit file (bound read-only
 #: to /etc/systemd/system/<basename>) or ``(name, text)``.
-UnitSpec = Union[PathLike, tuple[str, str]]
+UnitSpec = PathLike | tuple[str, str]
 
 LOCK_PATH = "/tmp/sessionguard-nspawn.lock"
 BOOT_TIMEOUT = 60.0
@@ -118,10 +111,10 @@ def ensure_nspawn() -> bool:
         return False
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "systemd-container"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if r.returncode != 0:  # stale package lists on a fresh machine
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        subprocess.run(cmd, env=env, capture_output=True)
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        subprocess.run(cmd, env=env, capture_output=True, check=False)
     return shutil.which("systemd-nspawn") is not None
 
 
@@ -141,7 +134,7 @@ class Container:
     """A booted container: ``pid`` is its PID 1 as seen from the host."""
 
     pid: int
-    nspawn: subprocess.Popen
+    nspawn: subprocess.Popen[bytes]
     log_path: Path
     boot_seconds: float = 0.0
     _closed: bool = field(default=False, repr=False)
@@ -155,7 +148,7 @@ class Container:
         timeout: float = 30.0,
         input: str | None = None,
         user: str | None = None,
-    ) -> subprocess.CompletedProcess:
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` inside the container (all namespaces of its PID 1).
 
         A string is run with ``sh -c``.  ``user`` runs it via ``setpriv`` as
@@ -168,13 +161,13 @@ class Container:
                 "sh", "-c", 'exec setpriv --reuid "$0" --regid "$(id -g "$0")" --init-groups -- "$@"',
                 user, *argv,
             ]
-        full = ["nsenter", "-t", str(self.pid), "-a", "--"] + argv
-        r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input)
+        full = ["nsenter", "-t", str(self.pid), "-a", "--", *argv]
+        r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input, check=False)
         if check and r.returncode != 0:
             raise CommandError(r.returncode, argv, r.stdout, r.stderr)
         return r
 
-    def systemctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    def systemctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", *args], check=check, timeout=timeout)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -186,7 +179,7 @@ class Container:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def is_active(self, unit: str) -> bool:
-        return self.systemctl("is-active", unit, check=False).stdout.strip() == "active"
+        return bool(self.systemctl("is-active", unit, check=False).stdout.strip() == "active")
 
     def wait_for(self, unit: str, state: str = "active", timeout: float = 20.0) -> str:
         """Wait until ``systemctl is-active unit`` prints ``state``; return the last answer."""
@@ -203,7 +196,7 @@ class Container:
         cmd = ["journalctl", "--no-pager", "-n", str(lines), "-o", "short-monotonic"]
         if unit:
             cmd += ["-u", unit]
-        return self.run(cmd, check=False).stdout
+        return str(self.run(cmd, check=False).stdout)
 
     def console(self) -> str:
         try:
@@ -234,7 +227,7 @@ class Container:
                     self.nspawn.wait(10)
 
 
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
+def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, sig)
 
@@ -332,20 +325,13 @@ def booted_systemd(
 ) -> Iterator[Container]:
     """Boot the host's OS as a volatile container and yield a :class:`Container`.
 
-    binds       read-write bind mounts ``(host_path, container_path)``
-    ro_binds    read-only bind mounts
-    extra_units / units
-                unit files bound read-only into /etc/systemd/system/; a path or
-                ``(name, text)`` (written to a temp dir first).  Both names
-                accepted; they are simply concatenated.
-    mask        extra units to mask (on top of :data:`DEFAULT_MASK`)
-    enable      units to ``systemctl enable --now`` once the system is running
-    timeout     seconds to wait for ``is-system-running`` = running|degraded
-    volatile    nspawn's --volatile= mode.  "yes" (default): / is an empty tmpfs
-                plus the host's /usr -- fast, nothing of the host's /etc, /var or
-                /opt.  "overlay": the whole host tree with a tmpfs overlay on top,
-                so dpkg's database, /etc and /opt are there and writable (for
-                installing a .deb); all writes vanish with the container.
+    binds / ro_binds: bind mounts ``(host_path, container_path)``, read-write / read-only.
+    units / extra_units: unit files bound read-only into /etc/systemd/system/, a path or
+    ``(name, text)``. mask: extra units to mask (on top of :data:`DEFAULT_MASK`).
+    enable: units to ``systemctl enable --now`` once running. timeout: seconds to wait
+    for ``is-system-running`` = running|degraded. volatile: nspawn's --volatile= mode:
+    "yes" (default) is an empty tmpfs plus the host's /usr; "overlay" the whole host
+    tree under a tmpfs overlay (dpkg's database, /etc, /opt writable; writes vanish).
 
     On exit the container is powered off (killed if it hangs) and the cgroups
     nspawn left are removed.  Raises :class:`BootError` if the boot fails.
@@ -361,79 +347,17 @@ def booted_systemd(
     try:
         cleanup_cgroups()  # leftovers of a run that was killed
         args = [
-            "systemd-nspawn",
-            "-D", "/",
-            f"--volatile={volatile}",
-            "--register=no",
-            "--keep-unit",
-            "--console=read-only",
-            "--machine=sg-test",
+            "systemd-nspawn", "-D", "/", f"--volatile={volatile}", "--register=no", "--keep-unit",
+            "--console=read-only", "--machine=sg-test",
+            *(f"--bind-ro=/dev/null:/etc/systemd/system/{name}" for name in (*DEFAULT_MASK, *mask)),
+            *_unit_args(work, [*units, *extra_units]),
+            *(f"--bind={Path(host).resolve()}:{inside}" for host, inside in binds),
+            *(f"--bind-ro={Path(host).resolve()}:{inside}" for host, inside in ro_binds),
+            "-b", "systemd.firstboot=off", *kernel_args,
         ]
-        for name in (*DEFAULT_MASK, *mask):
-            args.append(f"--bind-ro=/dev/null:/etc/systemd/system/{name}")
-        # An empty /etc makes systemd apply presets at boot ("enable *" on
-        # Debian), which would start every bound unit with an [Install] section
-        # before the test has prepared anything.  Disable exactly those by preset;
-        # tests start them (or pass enable=[...]).
-        preset_lines = []
-        for spec in [*units, *extra_units]:
-            if isinstance(spec, tuple):
-                name, text = spec
-                src = work / "units" / name
-                src.parent.mkdir(exist_ok=True)
-                src.write_text(text)
-            else:
-                src = Path(spec).resolve()
-                name = src.name
-            args.append(f"--bind-ro={src}:/etc/systemd/system/{name}")
-            preset_lines.append(f"disable {name}\n")
-        if preset_lines:
-            preset = work / "00-nspawn-harness.preset"
-            preset.write_text("".join(preset_lines))
-            args.append(f"--bind-ro={preset}:/etc/systemd/system-preset/00-nspawn-harness.preset")
-        for host, inside in binds:
-            args.append(f"--bind={Path(host).resolve()}:{inside}")
-        for host, inside in ro_binds:
-            args.append(f"--bind-ro={Path(host).resolve()}:{inside}")
-        args += ["-b", "systemd.firstboot=off", *kernel_args]
-
-        script = "mount -t tmpfs tmpfs /run && exec " + shlex.join(args)
-        log_path = work / "console.log"
-        log = open(log_path, "wb")
         t0 = time.monotonic()
-        proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: killpg on teardown
-        )
-        log.close()
-        deadline = t0 + timeout
-        pid = _find_init(proc.pid, deadline)
-        if pid is None:
-            _kill(proc)
-            raise BootError("container init did not start", log_path.read_text(errors="replace"))
-        container = Container(pid=pid, nspawn=proc, log_path=log_path)
-
-        state = ""
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise BootError(f"systemd-nspawn exited with {proc.returncode}", container.console())
-            r = subprocess.run(
-                ["nsenter", "-t", str(pid), "-a", "systemctl", "is-system-running"],
-                capture_output=True, text=True, timeout=10,
-            )
-            state = r.stdout.strip()
-            if state in ("running", "degraded"):
-                break
-            time.sleep(0.2)
-        else:
-            failed = container.systemctl("--failed", "--no-legend", check=False).stdout
-            raise BootError(
-                f"system not running after {timeout:.0f}s (state {state!r}); failed units:\n{failed}",
-                container.console(),
-            )
+        container = _start(args, work / "console.log", t0 + timeout)
+        _wait_running(container, t0 + timeout, timeout)
         container.boot_seconds = time.monotonic() - t0
         for unit in enable:
             container.systemctl("enable", "--now", unit)
@@ -449,7 +373,71 @@ def booted_systemd(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _unit_args(work: Path, specs: list[UnitSpec]) -> list[str]:
+    """nspawn arguments binding each unit into /etc/systemd/system, plus a preset disabling them.
+
+    An empty /etc makes systemd apply presets at boot ("enable *" on Debian),
+    which would start every bound unit with an [Install] section before the
+    test has prepared anything. Exactly those are disabled by preset; tests
+    start them (or pass enable=[...]).
+    """
+    args, preset_lines = [], []
+    for spec in specs:
+        if isinstance(spec, tuple):
+            name, text = spec
+            src = work / "units" / name
+            src.parent.mkdir(exist_ok=True)
+            src.write_text(text)
+        else:
+            src = Path(spec).resolve()
+            name = src.name
+        args.append(f"--bind-ro={src}:/etc/systemd/system/{name}")
+        preset_lines.append(f"disable {name}\n")
+    if preset_lines:
+        preset = work / "00-nspawn-harness.preset"
+        preset.write_text("".join(preset_lines))
+        args.append(f"--bind-ro={preset}:/etc/systemd/system-preset/00-nspawn-harness.preset")
+    return args
+
+
+def _start(args: list[str], log_path: Path, deadline: float) -> Container:
+    """Run nspawn in a private mount namespace with its own /run; the container once its init runs."""
+    script = "mount -t tmpfs tmpfs /run && exec " + shlex.join(args)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: killpg on teardown
+        )
+    pid = _find_init(proc.pid, deadline)
+    if pid is None:
+        _kill(proc)
+        raise BootError("container init did not start", log_path.read_text(errors="replace"))
+    return Container(pid=pid, nspawn=proc, log_path=log_path)
+
+
+def _wait_running(container: Container, deadline: float, timeout: float) -> None:
+    """Until ``systemctl is-system-running`` says running or degraded; BootError otherwise."""
+    state = ""
+    while time.monotonic() < deadline:
+        if container.nspawn.poll() is not None:
+            raise BootError(f"systemd-nspawn exited with {container.nspawn.returncode}", container.console())
+        r = subprocess.run(
+            ["nsenter", "-t", str(container.pid), "-a", "systemctl", "is-system-running"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+        state = r.stdout.strip()
+        if state in ("running", "degraded"):
+            return
+        time.sleep(0.2)
+    failed = container.systemctl("--failed", "--no-legend", check=False).stdout
+    raise BootError(f"system not running after {timeout:.0f}s (state {state!r}); failed units:\n{failed}",
+                    container.console())
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
     _signal_group(proc, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(10)

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import time
-
-import pytest
+from pathlib import Path
 
 import nspawn
+import pytest
 
 # A Type=notify service whose main process is a few lines of Python: it tells
 # systemd READY=1 and a STATUS= over $NOTIFY_SOCKET itself, then sleeps.
-NOTIFY_UNIT = """\
+NOTIFY_CODE = ("import os, socket, time; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+               "s.connect(os.environ['NOTIFY_SOCKET']); s.send(b'READY=1\\\\nSTATUS=harness ok'); time.sleep(3600)")
+NOTIFY_UNIT = f"""\
 [Unit]
 Description=harness self-test (Type=notify)
 
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart=/usr/bin/python3 -c "import os, socket, time; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.connect(os.environ['NOTIFY_SOCKET']); s.send(b'READY=1\\\\nSTATUS=harness ok'); time.sleep(3600)"
+ExecStart=/usr/bin/python3 -c "{NOTIFY_CODE}"
 """
 
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_boot_notify_unit_and_shutdown(nspawn_ok, tmp_path):
+def test_boot_notify_unit_and_shutdown(nspawn_ok: None, tmp_path: Path) -> None:
     t0 = time.monotonic()
     with nspawn.booted_systemd(extra_units=[("sg-notify-test.service", NOTIFY_UNIT)]) as c:
         print(f"container booted in {c.boot_seconds:.1f}s (pid {c.pid})")

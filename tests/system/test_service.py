@@ -26,19 +26,21 @@ and the tests show, with the shipped hardened unit unchanged except a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-
-import pytest
+from typing import Any
 
 import nspawn
+import pytest
+
 from daemonproc import eventually
+from debbuild import built_deb
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "packaging" / "deb" / "build.sh"
 WATCH = "/var/lib/hermes/sessions"
 STORE = f"{WATCH}/.sessionguard/sessions"
 CTL = "/opt/sessionguard/bin/sessionguardctl"
@@ -48,28 +50,20 @@ SID = "abc123def456"
 
 
 @pytest.fixture(scope="session")
-def deb(tmp_path_factory) -> Path:
-    """packaging/deb/build.sh, once per test session, into a temporary DIST."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: build.sh builds the venv in a private mount namespace")
-    dist = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([str(BUILD)], env=dict(os.environ, DIST=str(dist)), capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, f"build.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    out = Path(r.stdout.strip().splitlines()[-1])
-    assert out.is_file() and out.parent == dist, r.stdout
-    return out
+def deb() -> Path:
+    """packaging/deb/build.sh, once per test process (tests/debbuild.py)."""
+    return built_deb()
 
 
 @pytest.fixture(scope="module")
-def pkgroot(deb, tmp_path_factory) -> Path:
+def pkgroot(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pkgroot")
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
     for p in ("opt/sessionguard/bin/sessionguardd", "lib/systemd/system/sessionguard.service",
               "lib/systemd/system/sessionguard.socket", "usr/lib/sysusers.d/sessionguard.conf",
               "usr/lib/tmpfiles.d/sessionguard.conf", "etc/sessionguard/sessionguard.toml"):
         assert (root / p).exists(), f"{p} missing from the package"
-    return root
+    return Path(root)
 
 
 # Session files as hermes-webui writes them (metadata first, indent=2), created
@@ -106,7 +100,7 @@ WatchdogSec=3s
 
 
 @pytest.fixture(scope="module")
-def box(nspawn_ok, pkgroot, tmp_path_factory):
+def box(nspawn_ok: None, pkgroot: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[nspawn.Container]:
     """A booted container with the package's files in place and the sessions prepared."""
     work = tmp_path_factory.mktemp("svc")
     dropin = work / "10-test-watchdog.conf"
@@ -146,12 +140,12 @@ def unit_usec(c: nspawn.Container, unit: str, prop: str) -> int:
     return int(value)
 
 
-def journal_json(c: nspawn.Container, *match: str) -> list[dict]:
+def journal_json(c: nspawn.Container, *match: str) -> list[dict[str, Any]]:
     r = c.run(["journalctl", "--no-pager", "-o", "json", *match], check=False)
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
 
-def test_active_only_after_ready_after_initial_scan(box):
+def test_active_only_after_ready_after_initial_scan(box: nspawn.Container) -> None:
     c = box
     total = N_SESSIONS + 1
     assert c.show(UNIT, "ActiveState")["ActiveState"] == "inactive"
@@ -160,7 +154,7 @@ def test_active_only_after_ready_after_initial_scan(box):
     c.systemctl("start", "--no-block", UNIT)
     seen: list[tuple[str, str]] = []
 
-    def active() -> dict | None:
+    def active() -> dict[str, str] | None:
         p = c.show(UNIT, "ActiveState", "SubState")
         state = (p["ActiveState"], p["SubState"])
         if not seen or seen[-1] != state:
@@ -176,8 +170,11 @@ def test_active_only_after_ready_after_initial_scan(box):
     # ... and READY=1 came only after every session file had its pin.
     assert pins_when_active == total, f"active with {pins_when_active}/{total} sessions pinned"
     p = c.show(UNIT, "ActiveState", "SubState", "StatusText", "MainPID", "NRestarts", "Type", "User",
-               "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic", "WatchdogUSec")
+               "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic", "WatchdogUSec",
+               "MemoryMax", "MemoryHigh", "TimeoutStartUSec")
     assert p["WatchdogUSec"] == "3s"  # the test drop-in (the shipped unit says 30s)
+    # the shipped bounds are what systemd applies
+    assert (p["MemoryMax"], p["MemoryHigh"], p["TimeoutStartUSec"]) == (str(2 << 30), str(1536 << 20), "2min"), p
     assert (p["ActiveState"], p["SubState"], p["Type"], p["User"]) == ("active", "running", "notify", "sessionguard")
     assert int(p["ActiveEnterTimestampMonotonic"]) > int(p["ExecMainStartTimestampMonotonic"])
     # The daemon logged the end of its scan and its start, then sent READY=1; systemd
@@ -186,7 +183,8 @@ def test_active_only_after_ready_after_initial_scan(box):
     # processing READY=1: same clock, no race between journald and PID 1.
     active_enter = unit_usec(c, UNIT, "ActiveEnterTimestamp")
     for event in ("scan.completed", "daemon.started"):
-        entries = eventually(lambda: journal_json(c, f"SESSIONGUARD_EVENT={event}", f"_PID={p['MainPID']}"), 10, event)
+        entries = eventually(partial(journal_json, c, f"SESSIONGUARD_EVENT={event}", f"_PID={p['MainPID']}"),
+                             10, event)
         e = entries[-1]
         assert e["SYSLOG_IDENTIFIER"] == "sessionguard" and e["_SYSTEMD_UNIT"] == UNIT
         sent = int(e["_SOURCE_REALTIME_TIMESTAMP"])
@@ -196,7 +194,7 @@ def test_active_only_after_ready_after_initial_scan(box):
     assert scan["SESSIONGUARD_SESSIONS"] == str(total)
 
 
-def test_status_line_in_systemctl_status(box):
+def test_status_line_in_systemctl_status(box: nspawn.Container) -> None:
     c = box
     c.systemctl("start", UNIT, timeout=90)
     total = N_SESSIONS + 1
@@ -208,7 +206,7 @@ def test_status_line_in_systemctl_status(box):
     assert f'Status: "{total} sessions tracked, ' in out, out
 
 
-def test_wipe_is_journaled_with_structured_fields(box):
+def test_wipe_is_journaled_with_structured_fields(box: nspawn.Container) -> None:
     c = box
     c.systemctl("start", UNIT, timeout=90)
     main_pid = c.show(UNIT, "MainPID")["MainPID"]
@@ -235,13 +233,13 @@ def test_wipe_is_journaled_with_structured_fields(box):
     assert any(v["count"] == 25 for v in (versions if isinstance(versions, list) else versions["versions"])), r.stdout
 
 
-def test_watchdog_restarts_a_stopped_daemon(box):
+def test_watchdog_restarts_a_stopped_daemon(box: nspawn.Container) -> None:
     c = box
     c.systemctl("start", UNIT, timeout=90)
     before = c.show(UNIT, "MainPID", "NRestarts")
     c.run(["kill", "-STOP", before["MainPID"]])
 
-    def restarted() -> dict | None:
+    def restarted() -> dict[str, str] | None:
         p = c.show(UNIT, "MainPID", "NRestarts", "ActiveState", "SubState")
         ok = (int(p["NRestarts"]) == int(before["NRestarts"]) + 1 and p["MainPID"] not in ("0", before["MainPID"])
               and (p["ActiveState"], p["SubState"]) == ("active", "running"))
@@ -253,7 +251,7 @@ def test_watchdog_restarts_a_stopped_daemon(box):
     assert "Watchdog timeout" in log, log
 
 
-def test_socket_activation_starts_the_service(box):
+def test_socket_activation_starts_the_service(box: nspawn.Container) -> None:
     c = box
     c.systemctl("start", "sessionguard.socket")
     c.systemctl("stop", UNIT, timeout=60)

@@ -24,10 +24,10 @@ import shutil
 import subprocess
 import tomllib
 from pathlib import Path
-
-import pytest
+from typing import Any
 
 import nspawn
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "sessionguard.service"
@@ -61,21 +61,21 @@ def unit_copies(tmp_path: Path) -> tuple[Path, Path]:
     return service, socket
 
 
-def analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["systemd-analyze", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+        ["systemd-analyze", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
     )
 
 
 @needs_analyze
-def test_verify_units_no_output(tmp_path):
+def test_verify_units_no_output(tmp_path: Path) -> None:
     service, socket = unit_copies(tmp_path)
     r = analyze("verify", "--man=no", f"./{service.name}", f"./{socket.name}", cwd=tmp_path)
     assert r.returncode == 0 and r.stderr == "", f"rc={r.returncode}\n{r.stderr}"
 
 
 @needs_analyze
-def test_security_exposure_below_2(tmp_path):
+def test_security_exposure_below_2(tmp_path: Path) -> None:
     service, _ = unit_copies(tmp_path)
     r = analyze("security", "--offline=yes", "--threshold=20", f"./{service.name}", cwd=tmp_path)
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
@@ -85,7 +85,7 @@ def test_security_exposure_below_2(tmp_path):
     assert float(m.group(1)) < 2.0
 
 
-def test_service_has_required_settings():
+def test_service_has_required_settings() -> None:
     """The lines the daemon and the docs rely on, stated once more."""
     text = SERVICE.read_text()
     for line in [
@@ -107,6 +107,9 @@ def test_service_has_required_settings():
         "PrivateNetwork=yes",
         "RestrictAddressFamilies=AF_UNIX",
         "MemoryDenyWriteExecute=yes",
+        "TimeoutStartSec=2min",
+        "MemoryHigh=1536M",
+        "MemoryMax=2G",
     ]:
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     sock = SOCKET.read_text()
@@ -119,7 +122,7 @@ def test_service_has_required_settings():
         assert re.search(rf"^{re.escape(line)}$", sock, re.M), line
 
 
-def test_default_config_parses():
+def test_default_config_parses() -> None:
     cfg = tomllib.loads(TOML.read_text())
     assert cfg["daemon"]["socket"] == "/run/sessionguard.sock"
     assert cfg["daemon"]["read_group"] == "sessionguard"
@@ -127,15 +130,15 @@ def test_default_config_parses():
     (watch,) = cfg["watch"]
     assert watch["path"] == "/var/lib/hermes/sessions"
     assert set(watch) == {
-        "path", "pattern", "exclude", "recursive", "count", "intent_keys", "store",
+        "path", "pattern", "exclude", "recursive", "count", "intent_keys", "store", "store_owner",
         "pin", "max_file_bytes", "keep_last", "max_age_days", "max_store_bytes",
     }
 
 
-def test_sysctl_file():
+def test_sysctl_file() -> None:
     values = {}
-    for line in SYSCTL.read_text().splitlines():
-        line = line.strip()
+    for raw in SYSCTL.read_text().splitlines():
+        line = raw.strip()
         if line and not line.startswith(("#", ";")):
             key, _, value = line.partition("=")
             values[key.strip()] = int(value)
@@ -145,13 +148,13 @@ def test_sysctl_file():
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
-def test_sysusers_and_tmpfiles_apply(tmp_path):
+def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
     etc = tmp_path / "etc"
     etc.mkdir()
     for name in ("passwd", "group", "shadow", "gshadow"):
         (etc / name).touch()
     r = subprocess.run(
-        ["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)], capture_output=True, text=True
+        ["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)], capture_output=True, text=True, check=False
     )
     assert r.returncode == 0, r.stderr
     passwd = (etc / "passwd").read_text()
@@ -160,7 +163,7 @@ def test_sysusers_and_tmpfiles_apply(tmp_path):
     assert {"sessionguard", "sessionguard-admin"} <= groups
     r = subprocess.run(
         ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(TMPFILES)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert (etc / "sessionguard").is_dir()
@@ -261,9 +264,26 @@ print(s.makefile().readline())
 '''
 
 
+def check_probes(c: nspawn.Container, probes: dict[str, Any]) -> None:
+    """What the stand-in daemon found under the shipped sandbox."""
+    print(json.dumps(probes, indent=1, sort_keys=True))
+    assert probes["listen_fds"] == 1 and probes["listen_fdnames"] == "control"
+    assert probes["inotify"] is True
+    assert probes["store_mode"] == "0o640"  # UMask=0027
+    assert probes["chown"] == "EPERM"
+    assert probes["write_var_lib"] in ("EROFS", "EACCES")
+    assert probes["af_inet"] in ("EAFNOSUPPORT", "EPERM", "EACCES")
+    assert probes["state_dir"] == "/var/lib/sessionguard"
+    assert probes["runtime_dir"] == "/run/sessionguard"
+    assert probes["peer_uid"] == 0
+    assert probes["peer_proc_visible"] is False  # ProtectProc=invisible
+    owner = c.run(["stat", "-c", "%U", "/var/lib/hermes/sessions/.sessionguard/probe.json"]).stdout
+    assert owner.strip() == "sessionguard"
+
+
 @pytest.mark.root
 @pytest.mark.slow
-def test_hardened_service_in_container(nspawn_ok, tmp_path):
+def test_hardened_service_in_container(nspawn_ok: None, tmp_path: Path) -> None:
     stub = tmp_path / "sessionguardd"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -296,21 +316,7 @@ def test_hardened_service_in_container(nspawn_ok, tmp_path):
         assert props["WatchdogUSec"] == "30s"
         assert props["NRestarts"] == "0"
 
-        r = c.run(["python3", "-c", CLIENT])
-        probes = json.loads(r.stdout)
-        print(json.dumps(probes, indent=1, sort_keys=True))
-        assert probes["listen_fds"] == 1 and probes["listen_fdnames"] == "control"
-        assert probes["inotify"] is True
-        assert probes["store_mode"] == "0o640"  # UMask=0027
-        assert probes["chown"] == "EPERM"
-        assert probes["write_var_lib"] in ("EROFS", "EACCES")
-        assert probes["af_inet"] in ("EAFNOSUPPORT", "EPERM", "EACCES")
-        assert probes["state_dir"] == "/var/lib/sessionguard"
-        assert probes["runtime_dir"] == "/run/sessionguard"
-        assert probes["peer_uid"] == 0
-        assert probes["peer_proc_visible"] is False  # ProtectProc=invisible
-        owner = c.run(["stat", "-c", "%U", "/var/lib/hermes/sessions/.sessionguard/probe.json"]).stdout
-        assert owner.strip() == "sessionguard"
+        check_probes(c, json.loads(c.run(["python3", "-c", CLIENT]).stdout))
 
         # ExecReload= delivers SIGHUP
         c.systemctl("reload", "sessionguard.service")
