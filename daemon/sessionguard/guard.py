@@ -14,6 +14,7 @@ watchdog, structlog or systemd.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import threading
@@ -23,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from . import events, fsutil
+from . import events, fsutil, metaload
 from .config import DEFAULT_INTENT_KEYS, load_file
 from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, count_doc, key_hash, parse, stat_key
 from .errors import CorruptSessionError, NotFound, PartialSessionError, UnsafeSessionFile
@@ -154,6 +155,11 @@ class Guard:
                     raise ValueError("a jsonl session has no metadata apart from its messages")
                 with self._lock:
                     self._partial.add(sid)
+                if self.spec.kind == "key":
+                    meta = metaload.load_metadata(functools.partial(os.read, fd), self.spec.path[0],
+                                                  max_bytes=self.max_bytes)
+                    if meta is not None:
+                        return PartialDocument(meta)
             parsed = parse(fsutil.read_fd(fd, st, self.max_bytes, name), self.spec)
         finally:
             os.close(fd)
