@@ -15,7 +15,7 @@ import pytest
 
 from sessionguard import config
 from sessionguard.config import SCHEMA, ConfigError
-from sessionguard.store import Retention
+from sessionguard.retention import Retention
 
 SHIPPED = Path(__file__).resolve().parent.parent / "packaging" / "sessionguard.toml"
 NUMBERS = [k for k in SCHEMA if k.kind == "number"]

@@ -34,7 +34,7 @@ from sessionguard import tracker as sg_tracker
 
 from daemonproc import DaemonProc, eventually
 from sgbackend import rmtree, short_tmpdir
-from sghelpers import IS_ROOT, make_session, server_write
+from sghelpers import IS_ROOT, make_session, pin_count, server_write
 
 WATCHDOG_USEC = 2_000_000
 N_FILES = 200
@@ -174,13 +174,15 @@ def test_notify_lifecycle_ready_status_watchdog_reload_stop(work, notify_sock, d
 
     # READY=1 comes only after the initial scan pinned every file.
     i_ready, ready = notify_sock.wait(has("READY", "1"), timeout=60, what="READY=1")
-    guard = sessionguard.Guard(sdir)
-    unpinned = [sid for sid in sids if guard.store.pin(sid) is None]
+    unpinned = [sid for sid in sids if pin_count(sdir, sid) is None]
     assert unpinned == [], f"READY=1 sent with {len(unpinned)} of {N_FILES} files not pinned yet"
     assert ready.fields["MAINPID"] == str(d.proc.pid)
     assert ready.fields["STATUS"].startswith(f"{N_FILES} sessions tracked, 0 versions kept"), ready.raw
-    # nothing but READY came first (no WATCHDOG=1 / STATUS before start-up finished)
-    assert i_ready == 0, [n.raw for n in notify_sock.snapshot()[: i_ready + 1]]
+    # before READY only the scan's progress (STATUS=scanning…, EXTEND_TIMEOUT_USEC=), no WATCHDOG=1
+    early = notify_sock.snapshot()[:i_ready]
+    assert early and all(n.fields.get("STATUS", "").startswith("scanning") for n in early), [n.raw for n in early]
+    assert all("WATCHDOG" not in n.fields and "READY" not in n.fields for n in early)
+    assert all(int(n.fields["EXTEND_TIMEOUT_USEC"]) > 0 for n in early), [n.raw for n in early]
     # the log agrees: the daemon announced itself before it told systemd it was ready
     assert d.events("daemon.started"), d.text()
 

@@ -193,7 +193,7 @@ class Writer:
         self.guard = None
         if self.style == "library":
             from sessionguard import Guard
-            from sessionguard.store import Retention
+            from sessionguard.retention import Retention
 
             self.guard = Guard(self.dir, retention=Retention(keep_last=NO_RETENTION))
 

@@ -25,8 +25,9 @@ from .errors import ConfigError, StoreError
 from .service import Service
 from .stats import Stats
 from .supervisor import CHECK_SECONDS, Supervisor
-from .tracker import Tracker, WatchState
+from .tracker import Tracker
 from .watch import Watcher
+from .watchstate import WatchState
 
 #: A lock held by another process for longer than this makes the watch degraded.
 LOCK_DEGRADED_SECONDS = 10.0

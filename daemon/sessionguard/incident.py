@@ -27,8 +27,8 @@ from .protocol import Caller
 from .recovery import plan
 from .restore import LiveFile, restore
 from .rules import latest_change
-from .tracker import RestoreMark, WatchState
 from .versions import content_hash
+from .watchstate import RestoreMark, WatchState
 
 if TYPE_CHECKING:
     from .service import Service
@@ -93,7 +93,7 @@ def recover(svc: Service, watches: list[WatchState], *, since: float | None, dry
     hints: list[str] = []
     over = svc.stats.snapshot().overwritten
     for ws in watches:
-        with ws.gate:
+        with ws.gate.shared():
             if ws.store is None:
                 continue
             done = [_recover_one(svc, ws, sid, since=since, dry_run=dry_run, rows=rows, hints=hints)
@@ -173,7 +173,7 @@ def _undo(svc: Service, watches: list[WatchState], run: str, caller: Caller) -> 
     rows: list[dict[str, Any]] = []
     found = False
     for ws in watches:
-        with ws.gate:
+        with ws.gate.shared():
             if ws.store is None:
                 continue
             raw = ws.store.recorded(RUNS, f"{run}.json")

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from . import __version__
 from .stats import Snapshot
-from .tracker import WatchState
+from .watchstate import WatchState
 
 CLASSES = ("wipe", "truncate", "rewrite", "replaced", "unparseable", "deleted")
 

@@ -19,7 +19,8 @@ from . import fsutil
 from .count import key_hash, stat_key
 from .errors import UnsafeSessionFile
 from .pins import CacheEntry
-from .tracker import Tracked, Tracker, WatchState, skip_key
+from .tracker import Tracker
+from .watchstate import Tracked, WatchState, skip_key
 
 #: A file modified less than this long ago is left to its close/rename event by
 #: the reconciliation, so an in-place writer is never read half-way.

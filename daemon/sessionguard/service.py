@@ -24,8 +24,9 @@ from .restore import restore
 from .rules import latest_change, most_messages, restore_candidate
 from .stats import Stats
 from .supervisor import Supervisor
-from .tracker import RestoreMark, Tracker, WatchState
+from .tracker import Tracker
 from .watch import Watcher
+from .watchstate import RestoreMark, WatchState
 
 #: How long a control call waits for a session lock held by a save or a capture.
 LOCK_WAIT = 30.0
@@ -104,7 +105,7 @@ class Service:
         rows: list[dict[str, Any]] = []
         overwritten = self.stats.snapshot().overwritten
         for ws in self._watches(watch):
-            with ws.gate:
+            with ws.gate.shared():
                 if ws.store is None:
                     continue
                 with_versions = set(ws.store.versions.sids())
@@ -137,7 +138,7 @@ class Service:
 
     def history(self, *, sid: str, watch: str | None = None, caller: Caller) -> dict[str, Any]:
         ws = self._locate(sid, watch)
-        with ws.gate:
+        with ws.gate.shared():
             versions = self._versions(ws, sid)
         rule, most = restore_candidate(versions), most_messages(versions)
         return {"sid": sid, "watch": ws.root, "versions": [v.to_dict() for v in versions],
@@ -145,7 +146,7 @@ class Service:
 
     def _read(self, sid: str, version: str | None, most: bool, watch: str | None) -> tuple[WatchState, Version, bytes]:
         ws = self._locate(sid, watch)
-        with ws.gate:
+        with ws.gate.shared():
             if ws.store is None:
                 raise StoreError(f"{ws.root} is not available right now")
             v = pick_version(self._versions(ws, sid), sid, version, most=most)
@@ -183,7 +184,7 @@ class Service:
     def restore(self, *, sid: str, version: str | None = None, most: bool = False, watch: str | None = None,
                 dry_run: bool = False, expect: str | None = None, caller: Caller) -> dict[str, Any]:
         ws = self._locate(sid, watch)
-        with ws.gate:
+        with ws.gate.shared():
             if ws.store is None:
                 raise StoreError(f"{ws.root} is not available right now")
             target = pick_version(self._versions(ws, sid), sid, version, most=most)
@@ -223,7 +224,7 @@ class Service:
     def forget(self, *, sid: str, watch: str | None = None, before: float | None = None,
                caller: Caller) -> dict[str, Any]:
         ws = self._locate(sid, watch)
-        with ws.gate:
+        with ws.gate.shared():
             if ws.store is None:
                 raise StoreError(f"{ws.root} is not available right now")
             with ws.store.lock(sid, LOCK_WAIT):
@@ -239,7 +240,7 @@ class Service:
     def prune(self, *, watch: str | None = None, caller: Caller) -> dict[str, Any]:
         removed: list[Version] = []
         for ws in self._watches(watch):
-            with ws.gate:
+            with ws.gate.shared():
                 if ws.store is None:
                     continue
                 for sid in ws.store.versions.sids():

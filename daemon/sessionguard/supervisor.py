@@ -21,8 +21,9 @@ from . import fsutil, passes
 from .errors import StoreError
 from .stats import Stats
 from .store import Store
-from .tracker import Tracker, WatchState
+from .tracker import Tracker
 from .watch import Watcher, inotify_hint
+from .watchstate import WatchState
 
 #: How often maintenance checks the directories and retries what failed (seconds).
 CHECK_SECONDS = 1.0
@@ -144,7 +145,7 @@ class Supervisor:
             store.close()
             os.close(root_fd)
             raise
-        with ws.gate:
+        with ws.gate.exclusive():
             ws.root_fd, ws.root_uid, ws.root_dev, ws.store = root_fd, st.st_uid, st.st_dev, store
             ws.root_ident = (st.st_dev, st.st_ino)
             ws.pin_method = self._pin_method(ws, store, st)
@@ -229,7 +230,7 @@ class Supervisor:
         self.stats.degrade(f"watch:{ws.root}", f"{ws.root}: {why}")
 
     def _close(self, ws: WatchState) -> None:
-        with ws.gate:
+        with ws.gate.exclusive():
             if ws.store is not None:
                 ws.store.close()
             if ws.root_fd is not None:

@@ -17,123 +17,21 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import fsutil
-from .config import WatchConfig
-from .count import CountSpec, Parsed, key_hash, parse, stat_key
+from .count import Parsed, key_hash, parse, stat_key
 from .errors import FileTooLarge, SessionLocked, StoreError, UnsafeSessionFile
-from .naming import Matcher, Method
 from .rules import Identity, is_loss, replaced
 from .stats import Overwritten, Stats
 from .store import Captured, Kept, Store
+from .watchstate import Tracked, WatchState, skip_key
 
 #: How long the worker waits for a session lock another process holds before it
 #: defers that session (and goes on with others).
 LOCK_WAIT = 0.05
-
-#: What a skipped file was when it was skipped (identity, link count, owner):
-#: a change of any is looked at again.
-SkipKey = tuple[int, ...]
-
-
-def skip_key(st: os.stat_result) -> SkipKey:
-    return (*stat_key(st), st.st_nlink, st.st_uid)
-
-
-class Tracked:
-    """What the daemon remembers of one session's pin (kept small: a million of these fit in RSS)."""
-
-    __slots__ = ("count", "first", "key", "prev")
-
-    def __init__(self, key: int, count: int | None, first: int = 0, prev: int = 0) -> None:
-        self.key, self.count, self.first, self.prev = key, count, first, prev
-
-    def identity(self) -> Identity | None:
-        """The pin's identity when known (a pin learned from an old store's names has none)."""
-        if self.count is None or (self.first == 0 and self.count > 0):
-            return None
-        return Identity(self.count, self.first, self.prev)
-
-
-@dataclass
-class RestoreMark:
-    """A restore the daemon made, watched until the session grows past it."""
-
-    at: float
-    count: int | None
-    version: str
-
-
-class WatchState:
-    """One watched directory: its config, checked descriptor, store and tracked sessions."""
-
-    def __init__(self, cfg: WatchConfig) -> None:
-        self.cfg = cfg
-        self.root = cfg.path
-        in_dir = not cfg.store or os.path.dirname(cfg.store_path) == cfg.path
-        self.matcher = Matcher(cfg.pattern, cfg.exclude, cfg.recursive,
-                               frozenset({os.path.basename(cfg.store_path)}) if in_dir else frozenset())
-        self.spec = CountSpec.parse(cfg.count)
-        self.root_fd: int | None = None
-        self.root_uid = -1
-        self.root_dev = -1
-        self.root_ident: tuple[int, int] = (-1, -1)
-        self.store: Store | None = None
-        self.available = False
-        self.polled = False
-        self.pin_method: Method = "copy"
-        self.files: dict[str, Tracked] = {}
-        self.skipped: dict[str, SkipKey] = {}
-        self.failing: set[str] = set()
-        self.deferred: dict[str, float] = {}
-        self.restored: dict[str, RestoreMark] = {}
-        self.last_reconcile: float | None = None
-        #: Held by every evaluation and restore of this watch, and by the supervisor
-        #: while it swaps or closes the descriptors above: a descriptor number is never
-        #: used after it was closed (and perhaps reused for another file).
-        self.gate = threading.RLock()
-
-    def parts_of(self, path: str) -> tuple[str, ...] | None:
-        """The components of an absolute event path below this watch's root, or None."""
-        if not path.startswith(self.root + os.sep):
-            return None
-        return tuple(path[len(self.root) + 1:].split(os.sep))
-
-    def check_dir(self, st: os.stat_result) -> str | None:
-        """Why a sub-directory may not be entered: another filesystem or another owner
-        (a directory swapped in from elsewhere); None when it may."""
-        if st.st_dev != self.root_dev:
-            return "on another filesystem than the watched directory: not entered"
-        if st.st_uid not in (self.root_uid, os.geteuid()):
-            return f"owned by uid {st.st_uid}, not the watched directory's owner: not entered"
-        return None
-
-    def open_parent(self, parts: tuple[str, ...]) -> int:
-        """A new descriptor of the directory holding *parts*' file (the caller closes it)."""
-        assert self.root_fd is not None
-        return fsutil.walk(self.root_fd, parts[:-1], self.check_dir)
-
-    def foreign_link(self, st: os.stat_result, pin: os.stat_result | None = None) -> str | None:
-        """Why a hard link to someone else's file is not read, or None.
-
-        A second name for a file owned by another user than the directory's
-        owner is most likely someone else's file linked in here: a root daemon
-        reading it would copy, say, ``/etc/shadow`` into the store. Links made
-        by the directory's owner (an ``os.link`` publish, the library's pins)
-        are normal, and so is our own hard-link *pin* of this very file.
-        """
-        links = st.st_nlink
-        if pin is not None and (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino):
-            links -= 1
-        if links <= 1 or st.st_uid == self.root_uid:
-            return None
-        return (f"hard link to a file owned by uid {st.st_uid}; the directory belongs to uid {self.root_uid}: "
-                "not read")
-
 
 @dataclass
 class _Case:
@@ -190,7 +88,7 @@ class Tracker:
         event showed one by one: a longer file that no longer starts with the
         pinned messages then also keeps the pin.
         """
-        with ws.gate:
+        with ws.gate.shared():
             return self._evaluate(ws, parts, sid, why, unseen)
 
     def _evaluate(self, ws: WatchState, parts: tuple[str, ...], sid: str | None, why: str | None,

@@ -43,7 +43,8 @@ from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyEvent, InotifyFD, Mask, WatchDescriptor
 
 from . import fsutil
-from .tracker import Tracker, WatchState
+from .tracker import Tracker
+from .watchstate import WatchState
 
 #: Name prefix of ``sync`` cookie files (hidden: never a session, never the server's).
 #: The rest of the name is fsutil's tmp mark and our pid, so the start-up scan's
