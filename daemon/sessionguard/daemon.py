@@ -26,7 +26,7 @@ from .service import Service
 from .stats import Stats
 from .supervisor import CHECK_SECONDS, Supervisor
 from .tracker import Tracker
-from .watch import Watcher
+from .watch import Watcher, name_os_thread
 from .watchstate import WatchState
 
 #: A lock held by another process for longer than this makes the watch degraded.
@@ -217,6 +217,7 @@ class Daemon:
     def _maintain(self) -> None:
         """Every second: rescans after an overflow, directory and store checks, retries of
         sessions another process held locked; every ``reconcile_interval``: a reconciliation."""
+        name_os_thread("sg-maintenance")
         self._next_reconcile = time.monotonic() + self.cfg.reconcile_interval
         orphans_due = True
         while not self._maint_stop.is_set():
