@@ -84,16 +84,17 @@ def store_of(sdir: str | os.PathLike[str]) -> Path:
 
 
 def pin_count(sdir: str | os.PathLike[str], sid: str, *, store: str | os.PathLike[str] | None = None) -> int | None:
-    """Messages in *sid*'s pin (read here, not from any name), or None when it has no pin."""
+    """Messages in *sid*'s pin (read here, not from any name), -1 when it is unparseable,
+    None when the session has no pin."""
     path = Path(store or store_of(sdir)) / "pins" / sid
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
-    try:
-        return len(orjson.loads(data)["messages"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return -1
+    from sessionguard.count import CountSpec, parse
+
+    count = parse(data, CountSpec.parse("messages")).count
+    return -1 if count is None else count
 
 
 def version_files(sdir: str | os.PathLike[str], sid: str, *, store: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -115,6 +116,7 @@ class OnDisk:
     source: str
     method: str
     name: str
+    size: int
 
 
 def store_versions(store: str | os.PathLike[str], sid: str) -> list[OnDisk]:
@@ -126,7 +128,7 @@ def store_versions(store: str | os.PathLike[str], sid: str) -> list[OnDisk]:
     for p in sorted(folder.glob("*.version")) if folder.is_dir() else []:
         v = parse_version_name(sid, p.name, p.stat().st_size)
         if v is not None:
-            out.append(OnDisk(p, v.id, v.count, v.reason, v.source, v.method, v.name))
+            out.append(OnDisk(p, v.id, v.count, v.reason, v.source, v.method, v.name, v.size))
     return out
 
 

@@ -179,7 +179,9 @@ def tree_state(root: Path, skip: set[Path]) -> dict[str, tuple]:
 
 
 def store_folders(watch: Path) -> set[str]:
-    return set(os.listdir(watch / ".sessionguard" / "sessions"))
+    """Every id the store holds anything for: a pin (``pins/<sid>``) or versions (``sessions/<sid>/``)."""
+    store = watch / ".sessionguard"
+    return set(os.listdir(store / "pins")) | set(os.listdir(store / "sessions"))
 
 
 def _write_config(path: Path, w1: Path, w2: Path) -> None:
@@ -762,6 +764,7 @@ def untouched(w: World, tree_before: dict[str, tuple], folders_before: dict[str,
         new = store_folders(watch) - folders_before[key]
         for name in new:
             rmtree(str(watch / ".sessionguard" / "sessions" / name))
+            (watch / ".sessionguard" / "pins" / name).unlink(missing_ok=True)
         assert not new, f"the store of {key} got a folder for an id that is no session: {sorted(new)}"
 
 
@@ -1004,7 +1007,7 @@ def test_non_session_files_are_not_sessions(small_daemon) -> None:
         for method, params in (("history", {"sid": sid}), ("restore", {"sid": sid, "dry_run": True})):
             with pytest.raises(RuntimeError, match=str(NOT_FOUND)):
                 d.call(method, params)
-    assert sorted(os.listdir(sessions / ".sessionguard" / "sessions")) == ["alpha"]
+    assert sorted(store_folders(sessions)) == ["alpha"]
 
 
 def test_zz_the_aftermath_of_every_example(world) -> None:

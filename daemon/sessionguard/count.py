@@ -29,6 +29,7 @@ import orjson
 #: Files larger than this are not parsed (a 1 GB file must not stall or OOM us).
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
+_TOO_DEEP = b"\0too deep to compare"
 
 #: ``(st_dev, st_ino, st_size, st_mtime_ns)``: when none of these changed, the
 #: content is taken to be unchanged and is not re-read.
@@ -165,9 +166,9 @@ def message_key(message: Any) -> int:
             raw = orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
         except (TypeError, orjson.JSONEncodeError):
             try:
-                raw = json.dumps(message, sort_keys=True).encode()
+                raw = json.dumps(message, sort_keys=True).encode("utf-8", "surrogatepass")
             except (ValueError, RecursionError):
-                raw = repr(message).encode("utf-8", "backslashreplace")
+                raw = _TOO_DEEP  # nested deeper than Python can walk: all such messages look alike
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 

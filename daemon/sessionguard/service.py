@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__, incident, metrics
 from .count import decoded_messages, diff
-from .errors import NotFound, StoreError
+from .errors import NotFound, StoreError, UnsafeSessionFile
 from .guard import pick_version
 from .naming import Version
 from .protocol import Caller
@@ -194,6 +194,8 @@ class Service:
                 hint = incident.recent_hint(live, self.restore_recent_seconds)
                 result = restore(ws.store, sid, target, live, source="admin", dry_run=dry_run, expect=expect,
                                  lock_wait=LOCK_WAIT)
+            except UnsafeSessionFile as exc:
+                raise StoreError(f"{os.path.join(ws.root, *parts)}: {exc.strerror}; nothing was restored") from None
             finally:
                 os.close(live.dir_fd)
             over = self.stats.snapshot().overwritten.get((ws.root, sid))

@@ -112,7 +112,7 @@ class Tracker:
             return self._failed(case, exc)
         except StoreError as exc:
             self.stats.bump("errors")
-            self.log.error("pin.failed", watch=ws.root, sid=sid, path=rel, error=str(exc))
+            self.log.error("pin.failed", watch=ws.root, sid=sid, path=os.path.join(ws.root, rel), error=str(exc))
             return "error"
         if sid in ws.failing:  # done with it: nothing is pending for it any more
             ws.failing.discard(sid)
@@ -125,8 +125,8 @@ class Tracker:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             case.ws.failing.add(case.sid)
             self.stats.degrade(f"store:{case.store.where}", f"{os.strerror(exc.errno or 0)} writing the store")
-        self.log.error("pin.failed", watch=case.ws.root, sid=case.sid, path=case.rel, error=str(exc),
-                       errno=exc.errno)
+        self.log.error("pin.failed", watch=case.ws.root, sid=case.sid, path=os.path.join(case.ws.root, case.rel),
+                       error=str(exc), errno=exc.errno)
         return "error"
 
     def _locked(self, case: _Case, parts: tuple[str, ...], unseen: bool) -> str:
@@ -144,15 +144,20 @@ class Tracker:
 
     def _look(self, case: _Case, dir_fd: int, name: str, unseen: bool) -> str:
         ws = case.ws
+        lst = fsutil.lstat_at(dir_fd, name)
+        if lst is None:
+            return self._deleted(case)
+        if not stat.S_ISREG(lst.st_mode):  # a FIFO, device or socket is never even opened
+            return self._give_up(case, _kind(lst), lst)
         try:
             fd, st = fsutil.open_regular(name, dir_fd=dir_fd)
         except FileNotFoundError:
             return self._deleted(case)
-        except UnsafeSessionFile as exc:
+        except UnsafeSessionFile as exc:  # swapped between the lstat and the open
             lst = fsutil.lstat_at(dir_fd, name)
             return self._give_up(case, _kind(lst) if lst else str(exc.strerror), lst)
         except PermissionError:
-            return self._skip(ws, case.rel, "unreadable (permission denied)", fsutil.lstat_at(dir_fd, name))
+            return self._skip(ws, case.rel, "unreadable (permission denied)", lst)
         try:
             why = ws.foreign_link(st)
             if why is not None:  # our own link pin of this file is not someone else's link
@@ -302,7 +307,7 @@ class Tracker:
         key = skip_key(st) if st is not None else ()
         if ws.skipped.get(rel) != key:
             ws.skipped[rel] = key
-            self.log.warning("file.skipped", watch=ws.root, path=rel, why=why)
+            self.log.warning("file.skipped", watch=ws.root, path=os.path.join(ws.root, rel), why=why)
         return "skipped"
 
 
