@@ -190,6 +190,7 @@ UNDO_THEN_WIPE = [v(1, 1000, "intended"), v(2, 998, "shrink")]
         ([v(1, 7, "replaced"), v(2, 3, "shrink")], 2),
         ([v(1, 7, "shrink"), v(2, 9, "pre-restore")], 1),  # pre-restore content is not a loss
         ([v(1, 7, "pre-restore")], None),
+        ([v(1, 1000, "shrink"), v(2, 998, "intended"), v(3, 0, "pre-restore")], None),  # a loss before the intent
         ([v(1, 5, "intended"), v(1, 6, "shrink", "b.version")], None),  # same second as the intent: newest wins
     ],
 )
