@@ -14,7 +14,7 @@ import pytest
 
 from sessionguard import fsutil
 from sessionguard.count import CountSpec, parse
-from sessionguard.errors import Conflict
+from sessionguard.errors import Conflict, StoreError
 from sessionguard.naming import Version
 from sessionguard.recovery import plan
 from sessionguard.restore import LiveFile, restore
@@ -22,7 +22,7 @@ from sessionguard.retention import DAY, Retention
 from sessionguard.rules import latest_change, restore_candidate
 from sessionguard.store import README, Captured, Store
 from sessionguard.versions import content_hash
-from sghelpers import IS_ROOT, make_session, needs_root, tree
+from sghelpers import IS_ROOT, make_session, needs_root, rmtree, short_tmpdir, tree
 
 KEY = CountSpec.parse("messages")
 SID = "abc123def456"
@@ -368,6 +368,53 @@ def test_a_store_owned_by_another_user_is_moved_aside(sdir: Path) -> None:
         os.chmod(p, 0o700)
     aside = _refused(sdir, "belongs to uid 4242")
     assert aside.stat().st_uid == 4242 and (aside / "sessions" / SID).is_dir()
+
+
+def _use_as(sdir: str, uid: int) -> None:  # runs in a spawned process: the server's user, embedding the library
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    parent = fsutil.open_root(sdir)
+    store, notice = Store.open(parent, where=f"{sdir}/.sessionguard", expect_uid=uid, max_bytes=1 << 26)
+    os.close(parent)
+    assert notice is None, notice
+    with store.lock(SID, wait=5):
+        store.pins.write(SID, data(1))
+    store.close()
+
+
+@needs_root
+@pytest.mark.xfail(strict=True, raises=StoreError, reason="Store.open with owner= (store_owner = 'directory': a root "
+                   "daemon sharing the store with the directory's owner): Store._subdir compares the pins/ folder it "
+                   "just made (owned by root) with the store's owner before chowning it, and refuses it ('belongs to "
+                   "uid 0'); the lock file is also created without the owner (root:root 0600), so the owner's "
+                   "library could not open the store anyway")
+def test_a_store_shared_with_the_directorys_owner(tmp_path: Path) -> None:
+    import multiprocessing
+
+    top = short_tmpdir("sgshared")  # pytest's tmp_path is not reachable by another uid
+    try:
+        os.chmod(top, 0o755)
+        sdir = Path(top) / "sessions"
+        sdir.mkdir()
+        os.chown(sdir, 4242, 4242)
+        parent = fsutil.open_root(str(sdir))
+        try:
+            store, notice = Store.open(parent, where=str(sdir / ".sessionguard"), expect_uid=4242,
+                                       owner=(4242, 4242), max_bytes=1 << 26)
+        finally:
+            os.close(parent)
+        store.close()
+        assert notice is None
+        owners = {p: (st.st_uid, st.st_gid) for p, st in
+                  ((p, os.lstat(p)) for p in [sdir / ".sessionguard", *(sdir / ".sessionguard").rglob("*")])}
+        assert set(owners.values()) == {(4242, 4242)}, owners
+        p = multiprocessing.get_context("spawn").Process(target=_use_as, args=(str(sdir), 4242))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+    finally:
+        rmtree(top)
 
 
 def test_a_store_renamed_away_is_found_and_put_back(store: Store, sdir: Path) -> None:
