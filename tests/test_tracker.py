@@ -180,6 +180,7 @@ def test_over_the_size_cap_the_last_version_is_kept_and_the_file_never_read(sdir
         assert e.ev() == "skipped" and e.ev() == "skipped"
         assert [(v.count, v.reason) for v in e.versions()] == [(5, "unparseable")]
         assert len(e.log.named("file.skipped")) == 1 and "size cap" in e.log.named("file.skipped")[0]["why"]
+        assert len(e.log.named("session.shrunk")) == 1  # kept once, not re-reported on every pass
         assert not e.store_holds(b"message 39:")
     finally:
         e.close()
@@ -202,6 +203,7 @@ def test_a_symlink_or_fifo_swapped_in_keeps_the_last_version_and_is_skipped_once
     assert [(v.count, v.reason) for v in env.versions()] == [(5, "unparseable")]
     skipped = env.log.named("file.skipped")
     assert len(skipped) == 1 and ("symlink" if kind == "symlink" else "FIFO") in skipped[0]["why"]
+    assert len(env.log.named("session.shrunk")) == 1
     assert env.store.pins.stat(SID) is None and not env.store_holds(b"never-to-be-copied")
     put(live, data(1))  # a regular file again: a new start
     assert env.ev() == "new"
