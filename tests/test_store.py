@@ -389,7 +389,7 @@ def _use_as(sdir: str, uid: int) -> None:  # runs in a spawned process: the serv
                    "just made (owned by root) with the store's owner before chowning it, and refuses it ('belongs to "
                    "uid 0'); the lock file is also created without the owner (root:root 0600), so the owner's "
                    "library could not open the store anyway")
-def test_a_store_shared_with_the_directorys_owner(tmp_path: Path) -> None:
+def test_a_store_shared_with_the_directorys_owner() -> None:
     import multiprocessing
 
     top = short_tmpdir("sgshared")  # pytest's tmp_path is not reachable by another uid
@@ -409,10 +409,10 @@ def test_a_store_shared_with_the_directorys_owner(tmp_path: Path) -> None:
         owners = {p: (st.st_uid, st.st_gid) for p, st in
                   ((p, os.lstat(p)) for p in [sdir / ".sessionguard", *(sdir / ".sessionguard").rglob("*")])}
         assert set(owners.values()) == {(4242, 4242)}, owners
-        p = multiprocessing.get_context("spawn").Process(target=_use_as, args=(str(sdir), 4242))
-        p.start()
-        p.join(60)
-        assert p.exitcode == 0
+        library = multiprocessing.get_context("spawn").Process(target=_use_as, args=(str(sdir), 4242))
+        library.start()
+        library.join(60)
+        assert library.exitcode == 0
     finally:
         rmtree(top)
 
