@@ -139,3 +139,129 @@ def reconciliations(d) -> int:
         if line.startswith("sessionguard_reconciliations_total "):
             return int(float(line.split()[1]))
     raise AssertionError("no sessionguard_reconciliations_total in the metrics")
+
+
+# -- in-process core tests: a recording logger, another process holding a lock ------
+
+class Recorder:
+    """A structlog-style logger that remembers every event (what the tracker and Stats log to)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict]] = []
+        self.lock = threading.Lock()
+
+    def _add(self, level: str, event: str, **kw: object) -> None:
+        with self.lock:
+            self.events.append((level, event, kw))
+
+    def debug(self, event: str, **kw: object) -> None:
+        self._add("debug", event, **kw)
+
+    def info(self, event: str, **kw: object) -> None:
+        self._add("info", event, **kw)
+
+    def warning(self, event: str, **kw: object) -> None:
+        self._add("warning", event, **kw)
+
+    def error(self, event: str, **kw: object) -> None:
+        self._add("error", event, **kw)
+
+    def named(self, event: str) -> list[dict]:
+        with self.lock:
+            return [kw for _, e, kw in self.events if e == event]
+
+    def levels(self, event: str) -> list[str]:
+        with self.lock:
+            return [lvl for lvl, e, _ in self.events if e == event]
+
+
+def _hold(lock_path: str, what: str, ready, release) -> None:  # runs in a spawned process
+    from sessionguard.locks import Locks
+
+    locks = Locks(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
+    if what == "daemon":
+        locks.claim_daemon()
+        ready.set()
+        release.wait(120)
+        return
+    with locks.session(what):
+        ready.set()
+        release.wait(120)
+
+
+def _try_once(lock_path: str, what: str) -> None:  # runs in a spawned process: exit 0 = got it, 3 = held
+    from sessionguard.errors import StoreError
+    from sessionguard.locks import Locks
+
+    locks = Locks(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
+    try:
+        if what == "daemon":
+            locks.claim_daemon()
+        else:
+            with locks.session(what, wait=0):
+                pass
+    except StoreError:
+        raise SystemExit(3) from None
+
+
+class HeldElsewhere:
+    """Another process (multiprocessing, spawn) holding session *what*'s lock — or, with
+    ``"daemon"``, the daemon claim — on the store lock file *lock_path* until :meth:`release`
+    or :meth:`kill`. A context manager; always cleaned up."""
+
+    def __init__(self, lock_path: str | os.PathLike[str], what: str) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._ready, self._release = ctx.Event(), ctx.Event()
+        self.proc = ctx.Process(target=_hold, args=(os.fspath(lock_path), what, self._ready, self._release))
+
+    def __enter__(self) -> HeldElsewhere:
+        self.proc.start()
+        if not self._ready.wait(60):
+            self.kill()
+            raise RuntimeError("the lock holder never got its lock")
+        return self
+
+    def release(self) -> None:
+        self._release.set()
+        self.proc.join(60)
+        assert self.proc.exitcode == 0, self.proc.exitcode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(60)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.is_alive():
+            self._release.set()
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.kill()
+
+
+def lockable_elsewhere(lock_path: str | os.PathLike[str], what: str) -> bool:
+    """Can another process take session *what*'s lock (or the daemon claim) right now?"""
+    import multiprocessing
+
+    p = multiprocessing.get_context("spawn").Process(target=_try_once, args=(os.fspath(lock_path), what))
+    p.start()
+    p.join(60)
+    if p.exitcode not in (0, 3):
+        p.kill()
+        raise RuntimeError(f"lock probe failed: exit {p.exitcode}")
+    return p.exitcode == 0
+
+
+def tree(root: str | os.PathLike[str]) -> dict[str, tuple[int, int, int, str]]:
+    """Every entry below *root* (no symlink followed): relative path → (inode, mode, mtime_ns, sha256 or '')."""
+    out = {}
+    root = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            digest = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) and \
+                not os.path.islink(p) else ""
+            out[os.path.relpath(p, root)] = (st.st_ino, st.st_mode, st.st_mtime_ns, digest)
+    return out
