@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 WAIT = 15.0  # generous bound for "eventually": a wait, never a timing assertion
 
@@ -68,7 +69,7 @@ class DaemonProc:
 
         return eventually(found, timeout, f"log event {name}")
 
-    def started(self) -> "DaemonProc":
+    def started(self) -> DaemonProc:
         self.wait_event("daemon.started")
         return self
 

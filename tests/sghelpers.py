@@ -175,10 +175,14 @@ class Recorder:
             return [lvl for lvl, e, _ in self.events if e == event]
 
 
-def _hold(lock_path: str, what: str, ready, release) -> None:  # runs in a spawned process
+def _store_fd(store: str) -> int:
+    return os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _hold(store: str, what: str, ready, release) -> None:  # runs in a spawned process
     from sessionguard.locks import Locks
 
-    locks = Locks(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
+    locks = Locks(_store_fd(store))
     if what == "daemon":
         locks.claim_daemon()
         ready.set()
@@ -189,11 +193,11 @@ def _hold(lock_path: str, what: str, ready, release) -> None:  # runs in a spawn
         release.wait(120)
 
 
-def _try_once(lock_path: str, what: str) -> None:  # runs in a spawned process: exit 0 = got it, 3 = held
+def _try_once(store: str, what: str) -> None:  # runs in a spawned process: exit 0 = got it, 3 = held
     from sessionguard.errors import StoreError
     from sessionguard.locks import Locks
 
-    locks = Locks(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
+    locks = Locks(_store_fd(store))
     try:
         if what == "daemon":
             locks.claim_daemon()
@@ -206,15 +210,15 @@ def _try_once(lock_path: str, what: str) -> None:  # runs in a spawned process: 
 
 class HeldElsewhere:
     """Another process (multiprocessing, spawn) holding session *what*'s lock — or, with
-    ``"daemon"``, the daemon claim — on the store lock file *lock_path* until :meth:`release`
+    ``"daemon"``, the daemon claim — in the store directory *store* until :meth:`release`
     or :meth:`kill`. A context manager; always cleaned up."""
 
-    def __init__(self, lock_path: str | os.PathLike[str], what: str) -> None:
+    def __init__(self, store: str | os.PathLike[str], what: str) -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self._ready, self._release = ctx.Event(), ctx.Event()
-        self.proc = ctx.Process(target=_hold, args=(os.fspath(lock_path), what, self._ready, self._release))
+        self.proc = ctx.Process(target=_hold, args=(os.fspath(store), what, self._ready, self._release))
 
     def __enter__(self) -> HeldElsewhere:
         self.proc.start()
@@ -240,11 +244,11 @@ class HeldElsewhere:
                 self.kill()
 
 
-def lockable_elsewhere(lock_path: str | os.PathLike[str], what: str) -> bool:
-    """Can another process take session *what*'s lock (or the daemon claim) right now?"""
+def lockable_elsewhere(store: str | os.PathLike[str], what: str) -> bool:
+    """Can another process take session *what*'s lock (or the daemon claim) in *store* right now?"""
     import multiprocessing
 
-    p = multiprocessing.get_context("spawn").Process(target=_try_once, args=(os.fspath(lock_path), what))
+    p = multiprocessing.get_context("spawn").Process(target=_try_once, args=(os.fspath(store), what))
     p.start()
     p.join(60)
     if p.exitcode not in (0, 3):

@@ -12,10 +12,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from daemonproc import DaemonProc, eventually
 from sessionguard import Guard
 from sessionguard.count import CountSpec, parse
-
-from daemonproc import DaemonProc, eventually
 from sghelpers import make_session, needs_root, pin_count, reconciliations, server_write, store_of, store_versions
 
 SID = "abc123def456"

@@ -23,10 +23,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from daemonproc import DaemonProc, eventually
 from sessionguard import Guard
 from sessionguard.versions import content_hash
-
-from daemonproc import DaemonProc, eventually
 from sghelpers import OnDisk, make_session, needs_root, pin_count, server_write, store_versions
 
 SID = "abc123def456"

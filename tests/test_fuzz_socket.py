@@ -57,15 +57,17 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from daemonproc import DaemonProc, eventually
 from sessionguard import Guard
 from sessionguard.protocol import (
     DENIED,
@@ -79,8 +81,6 @@ from sessionguard.protocol import (
     PARSE_ERROR,
 )
 from sessionguard.watch import COOKIE_PREFIX
-
-from daemonproc import DaemonProc, eventually
 from sgbackend import rmtree, short_tmpdir
 from sghelpers import IS_ROOT, make_session, server_write
 
@@ -380,7 +380,7 @@ def exchange(connect: Connector, payload: bytes, mode: str, want: int | None = N
                 s.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the daemon may close before reading all of an over-long line
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as exc:
             errors.append(exc)
 
     if mode == "abandon":

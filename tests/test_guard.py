@@ -14,7 +14,6 @@ import pytest
 import sessionguard
 from sessionguard import Guard, PartialSessionError, UnsafeSessionFile
 from sessionguard import guard as guard_mod
-
 from sghelpers import count_of, make_session, needs_root, server_write, snapshot
 
 SID = "abc123def456"

@@ -23,10 +23,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sessionguard import Guard
-from sessionguard.naming import validate_sid
-
 from daemonproc import DaemonProc, eventually
+from sessionguard.naming import validate_sid
 from sghelpers import make_session, needs_root, pin_count, reconciliations, server_write, store_versions
 
 NOBODY = 65534
@@ -319,6 +317,7 @@ def test_logging_never_raises_on_a_non_utf8_name() -> None:
     assert log._dumps({"event": "plain"}) == b'{"event":"plain"}'
     try:
         import systemd.journal  # noqa: F401
+
         from sessionguard import systemd as sg_systemd
     except ImportError:
         return

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sessionguard.errors import SessionLocked, StoreError
-from sessionguard.locks import DAEMON_BYTE, Locks, session_byte
+from sessionguard.locks import LOCK_FILE, Locks, session_byte
 from sghelpers import HeldElsewhere, lockable_elsewhere
 
 SID = "abc123def456"
@@ -21,20 +21,26 @@ TWIN_A, TWIN_B = "s446b2", "s10eea3"
 
 @pytest.fixture
 def lock_path(tmp_path: Path) -> Path:
-    p = tmp_path / "lock"
-    p.touch(mode=0o600)
-    return p
+    """The store directory (its ``lock`` file is made on the first hold)."""
+    return tmp_path
+
+
+def _dir_fd(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 @pytest.fixture
 def locks(lock_path: Path) -> Iterator[Locks]:
-    lk = Locks(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
+    lk = Locks(_dir_fd(lock_path))
     yield lk
-    lk.close()
+    os.close(lk.store_fd)
 
 
-def test_session_bytes_are_stable_and_never_the_daemons() -> None:
-    assert session_byte(SID) == session_byte(SID) != DAEMON_BYTE
+def test_session_bytes_are_stable(lock_path: Path, locks: Locks) -> None:
+    assert session_byte(SID) == session_byte(SID) >= 1
+    with locks.session(SID):
+        assert (lock_path / LOCK_FILE).is_file(), "one lock file for every session"
+    assert os.listdir(lock_path) == [LOCK_FILE]
     assert session_byte(SID) != session_byte(SID + "x")
     assert session_byte(TWIN_A) == session_byte(TWIN_B)
     assert session_byte("\udcff") >= 1  # a surrogate-escaped name still has a byte
@@ -66,7 +72,7 @@ def test_a_killed_holder_leaves_no_lock_behind(lock_path: Path, locks: Locks) ->
 def test_threads_exclude_each_other_on_one_locks_object_and_on_two(lock_path: Path, locks: Locks) -> None:
     """A read-modify-write under the lock from many threads loses no update; half the threads use a
     second Locks on its own descriptor (a second Store of the same process: only the OFD lock binds them)."""
-    second = Locks(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
+    second = Locks(_dir_fd(lock_path))
     box = {"n": 0}
     errors: list[BaseException] = []
 
@@ -85,7 +91,7 @@ def test_threads_exclude_each_other_on_one_locks_object_and_on_two(lock_path: Pa
         t.start()
     for t in threads:
         t.join(120)
-    second.close()
+    os.close(second.store_fd)
     assert not errors and box["n"] == 6 * 200
 
 
@@ -157,9 +163,9 @@ def test_claim_daemon_refuses_a_second_daemon(lock_path: Path, locks: Locks) -> 
     locks.claim_daemon()
     locks.claim_daemon()  # the same descriptor again: still ours
     assert not lockable_elsewhere(lock_path, "daemon")
-    second = Locks(os.open(lock_path, os.O_RDWR | os.O_CLOEXEC))
+    second = Locks(_dir_fd(lock_path))
     try:
         with pytest.raises(StoreError):
             second.claim_daemon()  # a second store object in this process is a second daemon too
     finally:
-        second.close()
+        os.close(second.store_fd)

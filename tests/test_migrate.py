@@ -75,9 +75,13 @@ def test_a_release_0_1_0_store_is_upgraded_in_place(tmp_path: Path) -> None:
     try:
         assert notice is not None and "upgraded from format 1" in notice and "7 pins moved" in notice
         check_v2(sdir, versions, pins, store)
-        assert store.pins.load_cache() == {
+        cache = store.pins.load_cache()
+        assert {sid: entry[:4] for sid, entry in cache.items()} == {
             sid: (key_hash((int(m[4]), int(m[5]), int(m[6]), int(m[7]))), None if m[3] == "x" else int(m[3]), 0, 0)
             for sid, (_, m) in pins.items()}
+        for sid, entry in cache.items():  # the pin's own identity, so the daemon knows it is the one it meant
+            pin = os.stat(sdir / ".sessionguard" / "pins" / sid)
+            assert entry[4] == key_hash((pin.st_dev, pin.st_ino, pin.st_size, pin.st_mtime_ns))
         assert store.pins.load_cache()["unparse00001"][1] is None
     finally:
         store.close()

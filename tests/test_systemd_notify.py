@@ -16,6 +16,7 @@ windows of silence chosen with wide margins around the daemon's own constants
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -26,17 +27,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
-
-import ctypes
 
 import pytest
 
-from sessionguard.locks import LOCK_FILE, session_byte
-
 from daemonproc import DaemonProc, eventually
+from sessionguard.locks import LOCK_FILE, session_byte
 from sgbackend import rmtree, short_tmpdir
 from sghelpers import IS_ROOT, make_session, pin_count, server_write, store_versions
 
@@ -100,7 +98,7 @@ class NotifySocket:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -81,6 +81,9 @@ class Parsed:
     error: str | None = None
     doc: Any = None
     messages: list[Any] | None = None
+    #: Parsed by the standard library because orjson refused it (NaN, surrogates, a BOM):
+    #: message identities then come from the standard library too (see :func:`message_key`).
+    lenient: bool = False
 
     @property
     def ok(self) -> bool:
@@ -115,12 +118,17 @@ def loads(data: bytes) -> Any:
 
     Raises ``ValueError`` (orjson's message) when neither accepts it.
     """
+    return _loads(data)[0]
+
+
+def _loads(data: bytes) -> tuple[Any, bool]:
+    """The document and whether the standard library had to parse it."""
     try:
-        return orjson.loads(data)
+        return orjson.loads(data), False
     except orjson.JSONDecodeError as exc:
         try:
             text = (data[len(_BOM):] if data.startswith(_BOM) else data).decode("utf-8")
-            return json.loads(text)
+            return json.loads(text), True
         except (ValueError, RecursionError):
             raise ValueError(str(exc)) from None
 
@@ -131,13 +139,13 @@ def parse(data: bytes, spec: CountSpec) -> Parsed:
         lines = [line for line in data.split(b"\n") if line.strip()]
         return Parsed(len(lines), doc=None, messages=lines)
     try:
-        doc = loads(data)
+        doc, lenient = _loads(data)
     except ValueError as exc:
         return Parsed(None, f"invalid JSON: {exc}")
     found = messages_of(doc, spec)
     if isinstance(found, str):
-        return Parsed(None, found, doc=doc)
-    return Parsed(len(found), doc=doc, messages=found)
+        return Parsed(None, found, doc=doc, lenient=lenient)
+    return Parsed(len(found), doc=doc, messages=found, lenient=lenient)
 
 
 def count_doc(doc: Any, spec: CountSpec) -> int:
@@ -152,21 +160,26 @@ def count_doc(doc: Any, spec: CountSpec) -> int:
     return len(found)
 
 
-def message_key(message: Any) -> int:
+def message_key(message: Any, *, lenient: bool = False) -> int:
     """A cheap 64-bit identity of one message, stable across processes and restarts.
 
     The message re-serialised with sorted keys (so two writers that order
-    keys differently agree) and hashed; what orjson cannot serialise (lone
-    surrogates, nesting deeper than 254) falls back to the standard library.
+    keys differently agree) and hashed. orjson writes ``NaN`` and
+    ``Infinity`` as ``null``, so a message from a *lenient* parse (the only
+    kind that can hold them) is serialised by the standard library, which
+    keeps them apart; so is what orjson cannot serialise (lone surrogates,
+    nesting deeper than 254).
     """
     if isinstance(message, bytes):  # a JSONL line
         raw = message.strip()
     else:
         try:
+            if lenient:
+                raise TypeError("lenient")
             raw = orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
         except (TypeError, orjson.JSONEncodeError):
             try:
-                raw = json.dumps(message, sort_keys=True).encode("utf-8", "surrogatepass")
+                raw = json.dumps(message, sort_keys=True).encode()
             except (ValueError, RecursionError):
                 raw = _TOO_DEEP  # nested deeper than Python can walk: all such messages look alike
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
@@ -199,10 +212,10 @@ class Diff:
 def diff(version: list[Any], live: list[Any]) -> Diff:
     """Which messages of *version* are not in *live*, by content (duplicates counted),
     and how many of *live* are not in *version*."""
-    have = collections.Counter(message_key(m) for m in live)
+    have = collections.Counter(message_key(m, lenient=True) for m in live)
     missing = []
     for i, m in enumerate(version):
-        key = message_key(m)
+        key = message_key(m, lenient=True)
         if have[key] > 0:
             have[key] -= 1
         else:

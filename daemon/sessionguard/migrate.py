@@ -92,7 +92,7 @@ def _v1_to_v2(store_fd: int, owner: Owner) -> int:
         pass
     pins_fd = fsutil.open_dir("pins", at=store_fd)
     moved = 0
-    hint: dict[str, tuple[int, int | None, int, int]] = {}
+    hint: dict[str, tuple[int, int | None, int, int, int]] = {}
     try:
         os.fchmod(sessions_fd, 0o700)
         with os.scandir(sessions_fd) as it:
@@ -105,7 +105,7 @@ def _v1_to_v2(store_fd: int, owner: Owner) -> int:
         fsutil.fsync_dir(pins_fd)
         fsutil.fsync_dir(sessions_fd)
         if hint:
-            data = orjson.dumps({"version": 1, "pins": hint})
+            data = orjson.dumps({"version": 2, "pins": hint})
             fsutil.write_file(store_fd, "pins.cache", data, owner=owner)
     finally:
         os.close(pins_fd)
@@ -113,7 +113,7 @@ def _v1_to_v2(store_fd: int, owner: Owner) -> int:
     return moved
 
 
-def _migrate_folder(sessions_fd: int, pins_fd: int, sid: str) -> tuple[int, int | None, int, int] | None:
+def _migrate_folder(sessions_fd: int, pins_fd: int, sid: str) -> tuple[int, int | None, int, int, int] | None:
     """One v1 session folder: its newest pin to ``pins/<sid>`` (unless a previous run
     already moved one), older pins and the lock removed, the folder removed if empty."""
     folder = fsutil.open_dir(sid, at=sessions_fd)
@@ -126,7 +126,9 @@ def _migrate_folder(sessions_fd: int, pins_fd: int, sid: str) -> tuple[int, int 
             newest = pins.pop()
             os.rename(newest.string, sid, src_dir_fd=folder, dst_dir_fd=pins_fd)
             key = (int(newest["dev"]), int(newest["ino"]), int(newest["size"]), int(newest["mtime"]))
-            entry = (key_hash(key), None if newest["count"] == "x" else int(newest["count"]), 0, 0)
+            pin = os.stat(sid, dir_fd=pins_fd, follow_symlinks=False)
+            pin_id = key_hash((pin.st_dev, pin.st_ino, pin.st_size, pin.st_mtime_ns))
+            entry = (key_hash(key), None if newest["count"] == "x" else int(newest["count"]), 0, 0, pin_id)
         for m in pins:
             fsutil.unlink_quietly(folder, m.string)
         fsutil.unlink_quietly(folder, ".lock")

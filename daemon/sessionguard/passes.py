@@ -194,4 +194,4 @@ def retry_deferred(tracker: Tracker, ws: WatchState, degraded_after: float) -> N
 
 def cache_entries(ws: WatchState) -> dict[str, CacheEntry]:
     """What to write to ``pins.cache`` at a clean stop."""
-    return {sid: (t.key, t.count, t.first, t.prev) for sid, t in list(ws.files.items())}
+    return {sid: (t.key, t.count, t.first, t.prev, t.pin) for sid, t in list(ws.files.items())}

@@ -40,11 +40,12 @@ from .naming import is_sid
 
 PINS_DIR = "pins"
 CACHE_FILE = "pins.cache"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 #: One cached pin: hash of the live file's (dev, ino, size, mtime_ns) key, its
-#: count (None: unparseable), and the keys of its first and next-to-last messages.
-CacheEntry = tuple[int, int | None, int, int]
+#: count (None: unparseable), the keys of its first and next-to-last messages,
+#: and the hash of the pin file's own identity (0: unknown).
+CacheEntry = tuple[int, int | None, int, int, int]
 
 
 class Pins:
@@ -179,8 +180,8 @@ class Pins:
             return {}
         out: dict[str, CacheEntry] = {}
         for sid, entry in raw["pins"].items():
-            if isinstance(entry, list) and len(entry) == 4:
-                out[sid] = (entry[0], entry[1], entry[2], entry[3])
+            if isinstance(entry, list) and len(entry) == 5:
+                out[sid] = (entry[0], entry[1], entry[2], entry[3], entry[4])
         return out
 
     def save_cache(self, entries: dict[str, CacheEntry]) -> None:

@@ -74,8 +74,9 @@ class Identity:
         msgs = parsed.messages
         if parsed.count is None or msgs is None:
             return None
-        n = len(msgs)
-        return cls(n, message_key(msgs[0]) if n else 0, message_key(msgs[n - 2]) if n >= 2 else 0)
+        n, lenient = len(msgs), parsed.lenient
+        return cls(n, message_key(msgs[0], lenient=lenient) if n else 0,
+                   message_key(msgs[n - 2], lenient=lenient) if n >= 2 else 0)
 
 
 def replaced(pinned: Identity, new: Parsed) -> bool:
@@ -87,11 +88,11 @@ def replaced(pinned: Identity, new: Parsed) -> bool:
     one file, an id reused, a buggy merge) and the pin must be kept.
     """
     msgs = new.messages
-    if msgs is None or new.count is None or new.count < pinned.count or pinned.count == 0:
-        return False
-    if message_key(msgs[0]) != pinned.first:
+    if msgs is None or new.count is None or new.count < pinned.count or pinned.count < 2:
+        return False  # a one-message pin's first message is its last: it may still be streaming
+    if message_key(msgs[0], lenient=new.lenient) != pinned.first:
         return True
-    return pinned.count >= 2 and message_key(msgs[pinned.count - 2]) != pinned.prev
+    return message_key(msgs[pinned.count - 2], lenient=new.lenient) != pinned.prev
 
 
 def overtaken(old: Parsed, new: Parsed) -> bool:

@@ -114,8 +114,9 @@ class Store:
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)
         self.pins = Pins(self._subdir(PINS_DIR), fd, owner)
-        self.versions = Versions(self._subdir(SESSIONS_DIR), owner)
+        self.versions = Versions(self._subdir(SESSIONS_DIR), owner, fd)
         self.locks = Locks(fd)
+        self._own_lock_file()
 
     # -- opening -----------------------------------------------------------------------
 
@@ -205,14 +206,27 @@ class Store:
         except FileExistsError:
             pass
         fd = fsutil.open_dir(name, at=self.fd)
-        st = os.fstat(fd)
-        if st.st_uid != os.fstat(self.fd).st_uid:
+        try:
+            if self.owner is not None and self.owner != (os.geteuid(), os.getegid()):
+                os.fchown(fd, *self.owner)  # ours to give (just made, or made by us before)
+            st = os.fstat(fd)
+            if st.st_uid != os.fstat(self.fd).st_uid:
+                raise StoreError(f"{self.where}/{name} belongs to uid {st.st_uid}: refused")
+            os.fchmod(fd, 0o700)
+        except BaseException:
             os.close(fd)
-            raise StoreError(f"{self.where}/{name} belongs to uid {st.st_uid}: refused")
-        if self.owner is not None and self.owner != (os.geteuid(), os.getegid()):
-            os.fchown(fd, *self.owner)
-        os.fchmod(fd, 0o700)
+            raise
         return fd
+
+    def _own_lock_file(self) -> None:
+        """The lock file exists and belongs to the store's owner, so every process sharing
+        the store (the library as the directory's owner) can take its locks."""
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        try:
+            if self.owner is not None and self.owner != (os.geteuid(), os.getegid()):
+                os.fchown(fd, *self.owner)
+        finally:
+            os.close(fd)
 
     def _write_readme(self) -> None:
         try:
@@ -357,7 +371,7 @@ class Store:
 
     def over_cap(self) -> bool:
         cap = self.retention.max_store_bytes
-        return cap > 0 and self.versions.bytes > cap
+        return cap > 0 and self.versions.total_bytes > cap
 
     def enforce_cap(self) -> tuple[list[Version], bool]:
         """Remove versions until the store's versions fit ``max_store_bytes``:
@@ -371,7 +385,7 @@ class Store:
             vs = self.versions.of(sid)
             table.append(SessionVersions(vs, None if sid in pinned else self._lifetime(vs)))
         removed: list[Version] = []
-        for v in over_cap(table, self.versions.bytes, cap):
+        for v in over_cap(table, self.versions.total_bytes, cap):
             try:
                 with self.lock(v.sid, wait=0):
                     self.versions.remove(v.sid, [v])
@@ -446,7 +460,7 @@ class Store:
 
     def usage(self) -> tuple[int, int]:
         """(versions, bytes they hold): the running tally, no walk."""
-        return self.versions.count, self.versions.bytes
+        return self.versions.count, self.versions.total_bytes
 
 
 def _entries(dir_fd: int) -> Iterator[os.DirEntry[str]]:

@@ -27,7 +27,7 @@ from .errors import FileTooLarge, SessionLocked, StoreError, UnsafeSessionFile
 from .rules import Identity, is_loss, replaced
 from .stats import Overwritten, Stats
 from .store import Captured, Kept, Store
-from .watchstate import Tracked, WatchState, skip_key
+from .watchstate import Tracked, WatchState, pin_key, skip_key
 
 #: How long the worker waits for a session lock another process holds before it
 #: defers that session (and goes on with others).
@@ -164,7 +164,7 @@ class Tracker:
                 why = ws.foreign_link(st, case.store.pins.stat(case.sid))
             if why is not None:  # checked on the opened file: a name swapped after a stat cannot slip through
                 return self._give_up(case, why, st)
-            tracked = ws.files.get(case.sid)
+            tracked = self._still_pinned(case, ws.files.get(case.sid), st)
             if tracked is not None and tracked.key == key_hash(stat_key(st)):
                 return "unchanged"
             try:
@@ -174,10 +174,26 @@ class Tracker:
             ws.skipped.pop(case.rel, None)
             new = parse(data, ws.spec)
             prior = tracked if tracked is not None else self._prior(case)
-            self._capture_if_lost(case, prior, new, st, unseen or tracked is None)
+            self._capture_if_lost(case, prior, new, unseen or tracked is None)
             return self._pin(case, _Live(dir_fd, name, fd, st, data), new, prior)
         finally:
             os.close(fd)
+
+    def _still_pinned(self, case: _Case, tracked: Tracked | None, live: os.stat_result) -> Tracked | None:
+        """What the daemon remembers, if the pin on disk is still the one it wrote; None when
+        another process (the library) moved it since — then the pin must be read, or a write
+        it made and a later loss coalesced into one event would be judged against the past.
+        A hard-link pin that changed with the live file was rewritten in place: said loudly."""
+        if tracked is None or tracked.pin == 0:
+            return tracked
+        pin = case.store.pins.stat(case.sid)
+        if pin is not None and pin_key(pin) == tracked.pin:
+            return tracked
+        if pin is not None and (pin.st_dev, pin.st_ino) == (live.st_dev, live.st_ino):
+            self.log.error("pin.overwritten", watch=case.ws.root, sid=case.sid, before=tracked.count,
+                           why="the hard-link pin was rewritten in place with the live file: the version it held "
+                               "is lost (use copy or reflink pins for in-place writers)")
+        return None
 
     def _prior(self, case: _Case) -> Tracked | None:
         """A pin the daemon has no memory of (made by the library, or before a crash): read it once."""
@@ -188,8 +204,7 @@ class Tracker:
         ident = Identity.of(old)
         return Tracked(0, old.count, ident.first if ident else 0, ident.prev if ident else 0)
 
-    def _capture_if_lost(self, case: _Case, prior: Tracked | None, new: Parsed, st: os.stat_result,
-                         unseen: bool) -> None:
+    def _capture_if_lost(self, case: _Case, prior: Tracked | None, new: Parsed, unseen: bool) -> None:
         if prior is None:
             return
         ident = prior.identity()
@@ -206,12 +221,6 @@ class Tracker:
                                       source="daemon", cause=cause, method=ws.pin_method)
         if captured is not None and (captured.kept.new or case.sid not in ws.failing):
             self._report(case, captured)  # not again for a retry after the new pin failed
-        elif cause == "loss":
-            pin = case.store.pins.stat(case.sid)
-            if pin is not None and (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino):
-                self.log.error("pin.overwritten", watch=ws.root, sid=case.sid, before=prior.count, after=new.count,
-                               why="the hard-link pin was rewritten in place with the live file: that version is "
-                                   "lost (use copy or reflink pins for in-place writers)")
 
     def _report(self, case: _Case, c: Captured) -> None:
         ws, sid = case.ws, case.sid
@@ -247,20 +256,22 @@ class Tracker:
         ws, pins = case.ws, case.store.pins
         if ws.cfg.pin == "link":
             try:
-                pins.link(case.sid, live.dir_fd, live.name, live.fd)
+                pst = pins.link(case.sid, live.dir_fd, live.name, live.fd)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
                     raise
-                pins.write(case.sid, live.data)
+                pst = pins.write(case.sid, live.data)
         else:
             cloned = pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes) if ws.cfg.pin == "auto" else None
             if cloned is None:
-                pins.write(case.sid, live.data)
-            elif cloned[0] != live.data:
-                new = parse(cloned[0], ws.spec)  # an in-place writer moved on: describe what is pinned
+                pst = pins.write(case.sid, live.data)
+            else:
+                pst = cloned[1]
+                if cloned[0] != live.data:
+                    new = parse(cloned[0], ws.spec)  # an in-place writer moved on: describe what is pinned
         ident = Identity.of(new)
         ws.files[case.sid] = Tracked(key_hash(stat_key(live.st)), new.count, ident.first if ident else 0,
-                                     ident.prev if ident else 0)
+                                     ident.prev if ident else 0, pin_key(pst))
         mark = ws.restored.get(case.sid)
         if mark is not None and new.count is not None and (mark.count is None or new.count > mark.count):
             del ws.restored[case.sid]  # grew past the restore: a later shrink is a new story

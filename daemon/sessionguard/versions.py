@@ -15,12 +15,13 @@ Every version is durable before its name is returned: file ``fsync``,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import stat
-import threading
 import time
+from collections.abc import Callable, Iterator
 
 from . import fsutil
 from .errors import StoreError, UnsafeSessionFile
@@ -28,6 +29,59 @@ from .fsutil import Owner
 from .naming import Method, Reason, Source, Version, is_sid, parse_version_name, version_name
 
 SESSIONS_DIR = "sessions"
+
+
+USAGE_FILE = "usage"
+#: The byte of ``<store>/lock`` that serialises updates of the usage tally.
+USAGE_BYTE = (1 << 41) + 2
+
+
+class Usage:
+    """The store's running tally of versions and their bytes, in ``<store>/usage``.
+
+    Shared by every process using the store (the daemon and a server that
+    embeds the library), updated under a lock after each kept or removed
+    version, so the byte cap is enforced from the truth without walking the
+    store; made by one walk when missing or unreadable.
+    """
+
+    def __init__(self, store_fd: int, owner: Owner, walk: Callable[[], tuple[int, int]]) -> None:
+        self._store_fd, self._owner, self._walk = store_fd, owner, walk
+        if self._read() is None:
+            with self._locked() as fd:
+                if self._read() is None:
+                    self._write(fd, *walk())
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._store_fd)
+        try:
+            fsutil.range_lock(fd, USAGE_BYTE, wait=True)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _read(self) -> tuple[int, int] | None:
+        try:
+            data, _ = fsutil.read_regular(USAGE_FILE, 4096, dir_fd=self._store_fd)
+        except (FileNotFoundError, OSError):
+            return None
+        parts = data.split()
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            return None
+        return int(parts[0]), int(parts[1])
+
+    def _write(self, _lock_fd: int, count: int, size: int) -> None:
+        fsutil.write_file(self._store_fd, USAGE_FILE, f"{max(count, 0)} {max(size, 0)}\n".encode(),
+                          owner=self._owner, durable=False)
+
+    def get(self) -> tuple[int, int]:
+        return self._read() or (0, 0)
+
+    def add(self, count: int, size: int) -> None:
+        with self._locked() as fd:
+            now = self._read() or self._walk()
+            self._write(fd, now[0] + count, now[1] + size)
 
 
 def content_hash(data: bytes) -> str:
@@ -38,12 +92,21 @@ def content_hash(data: bytes) -> str:
 class Versions:
     """The ``sessions/`` folder of one store, and a running tally of what it holds."""
 
-    def __init__(self, dir_fd: int, owner: Owner) -> None:
+    def __init__(self, dir_fd: int, owner: Owner, store_fd: int) -> None:
         self.fd = dir_fd
         self._owner = owner
         self._uid = owner[0] if owner is not None else os.geteuid()
-        self._tally_lock = threading.Lock()
-        self.count, self.bytes = self._walk_tally()
+        self._usage = Usage(store_fd, owner, self._walk_tally)
+
+    @property
+    def count(self) -> int:
+        """Versions in the store now (every process's: the tally is shared)."""
+        return self._usage.get()[0]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes held by versions now."""
+        return self._usage.get()[1]
 
     # -- folders --------------------------------------------------------------------
 
@@ -132,16 +195,21 @@ class Versions:
         return count, total
 
     def _add(self, n: int, size: int) -> None:
-        with self._tally_lock:
-            self.count += n
-            self.bytes += size
+        self._usage.add(n, size)
 
     # -- keeping and removing -------------------------------------------------------------
 
     def keep(self, sid: str, data: bytes, *, count: int | None, reason: Reason, source: Source, method: Method,
              link_from: tuple[int, str, int] | None = None) -> tuple[Version, bool]:
-        """Keep *data* as a version of *sid*: ``(version, new)``; ``new`` is False
-        when the same bytes were already kept (that version is returned).
+        """Keep *data* as a version of *sid*: ``(version, new)``.
+
+        The same bytes are stored once: when the session's *newest* version
+        already holds them (the same loss kept twice — by the library and the
+        daemon, or a retry), that version is returned with ``new`` False. When
+        an *older* one holds them, this is a new event (a restored conversation
+        wiped again, an intended clear of restored content): it gets its own
+        name — the history must show it — as a hard link to the bytes already
+        kept.
 
         *link_from* ``(dir_fd, name, fd)`` names the file *data* was read from:
         the version is then a hard link to it, no bytes written — checked by
@@ -152,12 +220,13 @@ class Versions:
         fd = self.folder(sid, create=True)
         assert fd is not None
         try:
-            existing = next((v for v in self._list_fd(sid, fd) if v.id == digest), None)
-            if existing is not None:
-                return existing, False
+            held = self._list_fd(sid, fd)
+            same = [v for v in held if v.id == digest]
+            if same and same[-1] is held[-1]:
+                return same[-1], False
             name = version_name(time.time(), count, reason=reason, source=source,
                                 method=method if link_from else "copy", digest=digest)
-            if link_from is not None and self._link(link_from, fd, name, digest):
+            if (same and self._link_version(fd, same[-1].name, name, digest)) or (link_from is not None and self._link(link_from, fd, name, digest)):
                 fsutil.fsync_dir(fd)
             else:
                 name = version_name(time.time(), count, reason=reason, source=source, method="copy", digest=digest)
@@ -168,6 +237,17 @@ class Versions:
             return v, True
         finally:
             os.close(fd)
+
+    def _link_version(self, fd: int, existing: str, name: str, digest: str) -> bool:
+        """A new name for bytes this folder already holds (checked like any link)."""
+        try:
+            vfd, _ = fsutil.open_regular(existing, dir_fd=fd)
+        except OSError:
+            return False
+        try:
+            return self._link((fd, existing, vfd), fd, name, digest)
+        finally:
+            os.close(vfd)
 
     @staticmethod
     def _link(src: tuple[int, str, int], dst_fd: int, name: str, digest: str) -> bool:

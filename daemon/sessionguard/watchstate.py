@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import fsutil
 from .config import WatchConfig
-from .count import CountSpec, stat_key
+from .count import CountSpec, key_hash, stat_key
 from .naming import Matcher, Method
 from .rules import Identity
 from .store import Store
@@ -68,13 +68,21 @@ class Gate:
                 self._cond.notify_all()
 
 
+def pin_key(st: os.stat_result) -> int:
+    """The identity of a pin file as the daemon left it (inode, size, mtime): when the pin
+    on disk has another, someone else (the library) moved it and it must be read."""
+    return key_hash((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
 class Tracked:
-    """What the daemon remembers of one session's pin (kept small: a million of these fit in RSS)."""
+    """What the daemon remembers of one session: the live file's identity (*key*), the pin
+    it wrote (*pin*: see :func:`pin_key`; 0 when unknown) and what that pin holds (*count*,
+    the keys of its *first* and next-to-last messages). Kept small: a million fit in RSS."""
 
-    __slots__ = ("count", "first", "key", "prev")
+    __slots__ = ("count", "first", "key", "pin", "prev")
 
-    def __init__(self, key: int, count: int | None, first: int = 0, prev: int = 0) -> None:
-        self.key, self.count, self.first, self.prev = key, count, first, prev
+    def __init__(self, key: int, count: int | None, first: int = 0, prev: int = 0, pin: int = 0) -> None:
+        self.key, self.count, self.first, self.prev, self.pin = key, count, first, prev, pin
 
     def identity(self) -> Identity | None:
         """The pin's identity when known (a pin learned from an old store's names has none)."""
