@@ -78,7 +78,10 @@ def test_wipe_list_history_diff_restore_and_undo(world: Path) -> None:
         server_write(sdir / f"{SID}.json", make_session(1, SID))
         ctl(sock, "sync")
         history = json.loads(ctl(sock, "--json", "history", SID).stdout)["versions"]
-        assert [v["count"] for v in history if v["reason"] == "shrink"] == [1000]
+        shrinks = [v for v in history if v["reason"] == "shrink"]
+        assert [v["count"] for v in shrinks] == [1000, 1000], "the second wipe is an event of its own"
+        assert len({v["id"] for v in shrinks}) == 1, "…holding the same bytes (a hard link, no copy)"
+        assert history[-1]["reason"] == "shrink", "its latest change is the loss: restore/recover act on it"
         d.assert_alive()
     finally:
         d.stop()

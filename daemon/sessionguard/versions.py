@@ -42,46 +42,69 @@ class Usage:
     Shared by every process using the store (the daemon and a server that
     embeds the library), updated under a lock after each kept or removed
     version, so the byte cap is enforced from the truth without walking the
-    store; made by one walk when missing or unreadable.
+    store. The record has a fixed width and is rewritten in place: an update
+    never needs a free block, so it cannot fail on a full disk, which is
+    exactly when a version must still be kept. A missing or unreadable
+    record is made again by one walk.
     """
+
+    _WIDTH = 19
 
     def __init__(self, store_fd: int, owner: Owner, walk: Callable[[], tuple[int, int]]) -> None:
         self._store_fd, self._owner, self._walk = store_fd, owner, walk
         if self._read() is None:
-            with self._locked() as fd:
+            with self._locked():
                 if self._read() is None:
-                    self._write(fd, *walk())
+                    self._create(*walk())
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
+    def _locked(self) -> Iterator[None]:
         fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._store_fd)
         try:
             fsutil.range_lock(fd, USAGE_BYTE, wait=True)
-            yield fd
+            yield
         finally:
             os.close(fd)
+
+    def _record(self, count: int, size: int) -> bytes:
+        return f"{max(count, 0):>{self._WIDTH}} {max(size, 0):>{self._WIDTH}}\n".encode()
 
     def _read(self) -> tuple[int, int] | None:
         try:
             data, _ = fsutil.read_regular(USAGE_FILE, 4096, dir_fd=self._store_fd)
-        except (FileNotFoundError, OSError):
+        except OSError:
             return None
         parts = data.split()
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             return None
         return int(parts[0]), int(parts[1])
 
-    def _write(self, _lock_fd: int, count: int, size: int) -> None:
-        fsutil.write_file(self._store_fd, USAGE_FILE, f"{max(count, 0)} {max(size, 0)}\n".encode(),
-                          owner=self._owner, durable=False)
+    def _create(self, count: int, size: int) -> None:
+        try:
+            fsutil.write_file(self._store_fd, USAGE_FILE, self._record(count, size), owner=self._owner,
+                              durable=False)
+        except OSError:
+            pass  # a full or read-only store: the next reader walks again
 
     def get(self) -> tuple[int, int]:
-        return self._read() or (0, 0)
+        return self._read() or self._walk()
 
     def add(self, count: int, size: int) -> None:
-        with self._locked() as fd:
-            now = self._read() or self._walk()
-            self._write(fd, now[0] + count, now[1] + size)
+        with self._locked():
+            now = self._read()
+            if now is None:
+                self._create(*self._walk())
+                return
+            try:
+                fd = os.open(USAGE_FILE, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._store_fd)
+            except OSError:
+                return
+            try:
+                os.pwrite(fd, self._record(now[0] + count, now[1] + size), 0)
+            except OSError:
+                fsutil.unlink_quietly(self._store_fd, USAGE_FILE)  # stale now: walked again next time
+            finally:
+                os.close(fd)
 
 
 def content_hash(data: bytes) -> str:
