@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -64,3 +67,205 @@ def snapshot(directory: str | os.PathLike[str]) -> dict[str, tuple[str, int, int
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mount/sysctl/other users)")
+
+
+def short_tmpdir(prefix: str = "sg") -> str:
+    """A short directory in /tmp (sun_path is 108 bytes; pytest's tmp_path can be longer)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def rmtree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def store_of(sdir: str | os.PathLike[str]) -> Path:
+    """The default store of a session directory."""
+    return Path(sdir) / ".sessionguard"
+
+
+def pin_count(sdir: str | os.PathLike[str], sid: str, *, store: str | os.PathLike[str] | None = None) -> int | None:
+    """Messages in *sid*'s pin (read here, not from any name), -1 when it is unparseable,
+    None when the session has no pin."""
+    path = Path(store or store_of(sdir)) / "pins" / sid
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    from sessionguard.count import CountSpec, parse
+
+    count = parse(data, CountSpec.parse("messages")).count
+    return -1 if count is None else count
+
+
+def version_files(sdir: str | os.PathLike[str], sid: str, *, store: str | os.PathLike[str] | None = None) -> list[Path]:
+    """*sid*'s version files in the store, oldest first (names sort by time)."""
+    folder = Path(store or store_of(sdir)) / "sessions" / sid
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(".version"))
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A version file as a test finds it on disk (its name parsed, its path known)."""
+
+    path: Path
+    id: str
+    count: int | None
+    reason: str
+    source: str
+    method: str
+    name: str
+    size: int
+
+
+def store_versions(store: str | os.PathLike[str], sid: str) -> list[OnDisk]:
+    """*sid*'s versions in *store*, read from the directory itself, oldest first."""
+    from sessionguard.naming import parse_version_name
+
+    folder = Path(store) / "sessions" / sid
+    out = []
+    for p in sorted(folder.glob("*.version")) if folder.is_dir() else []:
+        v = parse_version_name(sid, p.name, p.stat().st_size)
+        if v is not None:
+            out.append(OnDisk(p, v.id, v.count, v.reason, v.source, v.method, v.name, v.size))
+    return out
+
+
+def reconciliations(d) -> int:
+    """How many reconciliation passes the daemon *d* has completed (from its metrics):
+    a positive marker that a pass ran, instead of waiting for "nothing happens"."""
+    for line in d.call("metrics")["text"].splitlines():
+        if line.startswith("sessionguard_reconciliations_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no sessionguard_reconciliations_total in the metrics")
+
+
+# -- in-process core tests: a recording logger, another process holding a lock ------
+
+class Recorder:
+    """A structlog-style logger that remembers every event (what the tracker and Stats log to)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict]] = []
+        self.lock = threading.Lock()
+
+    def _add(self, level: str, event: str, **kw: object) -> None:
+        with self.lock:
+            self.events.append((level, event, kw))
+
+    def debug(self, event: str, **kw: object) -> None:
+        self._add("debug", event, **kw)
+
+    def info(self, event: str, **kw: object) -> None:
+        self._add("info", event, **kw)
+
+    def warning(self, event: str, **kw: object) -> None:
+        self._add("warning", event, **kw)
+
+    def error(self, event: str, **kw: object) -> None:
+        self._add("error", event, **kw)
+
+    def named(self, event: str) -> list[dict]:
+        with self.lock:
+            return [kw for _, e, kw in self.events if e == event]
+
+    def levels(self, event: str) -> list[str]:
+        with self.lock:
+            return [lvl for lvl, e, _ in self.events if e == event]
+
+
+def _store_fd(store: str) -> int:
+    return os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _hold(store: str, what: str, ready, release) -> None:  # runs in a spawned process
+    from sessionguard.locks import Locks
+
+    locks = Locks(_store_fd(store))
+    if what == "daemon":
+        locks.claim_daemon()
+        ready.set()
+        release.wait(120)
+        return
+    with locks.session(what):
+        ready.set()
+        release.wait(120)
+
+
+def _try_once(store: str, what: str) -> None:  # runs in a spawned process: exit 0 = got it, 3 = held
+    from sessionguard.errors import StoreError
+    from sessionguard.locks import Locks
+
+    locks = Locks(_store_fd(store))
+    try:
+        if what == "daemon":
+            locks.claim_daemon()
+        else:
+            with locks.session(what, wait=0):
+                pass
+    except StoreError:
+        raise SystemExit(3) from None
+
+
+class HeldElsewhere:
+    """Another process (multiprocessing, spawn) holding session *what*'s lock — or, with
+    ``"daemon"``, the daemon claim — in the store directory *store* until :meth:`release`
+    or :meth:`kill`. A context manager; always cleaned up."""
+
+    def __init__(self, store: str | os.PathLike[str], what: str) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._ready, self._release = ctx.Event(), ctx.Event()
+        self.proc = ctx.Process(target=_hold, args=(os.fspath(store), what, self._ready, self._release))
+
+    def __enter__(self) -> HeldElsewhere:
+        self.proc.start()
+        if not self._ready.wait(60):
+            self.kill()
+            raise RuntimeError("the lock holder never got its lock")
+        return self
+
+    def release(self) -> None:
+        self._release.set()
+        self.proc.join(60)
+        assert self.proc.exitcode == 0, self.proc.exitcode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(60)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.is_alive():
+            self._release.set()
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.kill()
+
+
+def lockable_elsewhere(store: str | os.PathLike[str], what: str) -> bool:
+    """Can another process take session *what*'s lock (or the daemon claim) in *store* right now?"""
+    import multiprocessing
+
+    p = multiprocessing.get_context("spawn").Process(target=_try_once, args=(os.fspath(store), what))
+    p.start()
+    p.join(60)
+    if p.exitcode not in (0, 3):
+        p.kill()
+        raise RuntimeError(f"lock probe failed: exit {p.exitcode}")
+    return p.exitcode == 0
+
+
+def tree(root: str | os.PathLike[str]) -> dict[str, tuple[int, int, int, str]]:
+    """Every entry below *root* (no symlink followed): relative path → (inode, mode, mtime_ns, sha256 or '')."""
+    out = {}
+    root = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            digest = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) and \
+                not os.path.islink(p) else ""
+            out[os.path.relpath(p, root)] = (st.st_ino, st.st_mode, st.st_mtime_ns, digest)
+    return out

@@ -78,7 +78,10 @@ def test_wipe_list_history_diff_restore_and_undo(world: Path) -> None:
         server_write(sdir / f"{SID}.json", make_session(1, SID))
         ctl(sock, "sync")
         history = json.loads(ctl(sock, "--json", "history", SID).stdout)["versions"]
-        assert [v["count"] for v in history if v["reason"] == "shrink"] == [1000]
+        shrinks = [v for v in history if v["reason"] == "shrink"]
+        assert [v["count"] for v in shrinks] == [1000, 1000], "the second wipe is an event of its own"
+        assert len({v["id"] for v in shrinks}) == 1, "…holding the same bytes (a hard link, no copy)"
+        assert history[-1]["reason"] == "shrink", "its latest change is the loss: restore/recover act on it"
         d.assert_alive()
     finally:
         d.stop()
@@ -132,7 +135,8 @@ HOSTILE = [
     (b'{"jsonrpc": "2.0", "id": 1, "method": "show", "params": {"sid": "a/b"}}\n', -32602),
     (b'{"jsonrpc": "2.0", "id": 1, "method": "restore", "params": {"sid": "x\\u0000y"}}\n', -32602),
     (b'{"jsonrpc": "2.0", "id": 1, "method": "status", "params": {"evil": 1}}\n', -32602),
-    (b'{"jsonrpc": "2.0", "id": 1, "method": "list", "params": {"shrunk_only": ' + b" " * (1 << 20) + b"true}}\n", -32600),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "list", "params": {"shrunk_only": '
+     + b" " * (1 << 20) + b"true}}\n", -32600),
 ]
 
 
@@ -156,7 +160,7 @@ def test_hostile_clients_get_errors_and_the_daemon_keeps_answering(world: Path) 
         # hundreds of simultaneous clients, some silent, some asking
         socks = []
         try:
-            for i in range(300):
+            for _i in range(300):
                 s = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
                 s.connect(d.socket)
                 socks.append(s)

@@ -15,7 +15,7 @@ import pytest
 
 from sessionguard import config
 from sessionguard.config import SCHEMA, ConfigError
-from sessionguard.store import Retention
+from sessionguard.retention import Retention
 
 SHIPPED = Path(__file__).resolve().parent.parent / "packaging" / "sessionguard.toml"
 NUMBERS = [k for k in SCHEMA if k.kind == "number"]
@@ -132,10 +132,10 @@ restore_recent_seconds = 0
 [[watch]]
 path = "/srv/a"
 store_owner = "directory"
-pin = "zstd"
+pin = "copy"
 """))
     assert cfg.restore_recent_seconds == 0.0
-    assert (cfg.watches[0].store_owner, cfg.watches[0].pin) == ("directory", "zstd")
+    assert (cfg.watches[0].store_owner, cfg.watches[0].pin) == ("directory", "copy")
     assert config.Config(watches=()).restore_recent_seconds == 60.0
     assert config.WatchConfig(path="/x").store_owner == "daemon"
     bad = '[daemon]\nrestore_recent_seconds = -1\n[[watch]]\npath = "/srv/a"\nstore_owner = "server"\n'
@@ -217,5 +217,5 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
                                  socket="/run/x.sock"))
     assert (cfg.watches[0].path, cfg.watches[0].pin) == ("/srv/a", "link")
     assert (cfg.log_level, cfg.reconcile_interval, cfg.socket, cfg.source) == ("error", 2.5, "/run/x.sock", path)
-    cfg = config.from_args(flags(config=path, watch=["/srv/b", "/srv/c"], pin="zstd"))
-    assert [(w.path, w.pin) for w in cfg.watches] == [("/srv/b", "zstd"), ("/srv/c", "zstd")]
+    cfg = config.from_args(flags(config=path, watch=["/srv/b", "/srv/c"], pin="link"))
+    assert [(w.path, w.pin) for w in cfg.watches] == [("/srv/b", "link"), ("/srv/c", "link")]

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from sessionguard import fsutil
-from sessionguard.count import CountSpec, classify, parse
+from sessionguard.count import CountSpec, parse
+from sessionguard.errors import FileTooLarge, UnsafeSessionFile
+from sessionguard.rules import classify
 
 KEY = CountSpec.parse("messages")
 
@@ -51,14 +53,19 @@ def test_classify() -> None:
 
 
 def test_reads_refuse_fifos_symlinks_and_huge_files(tmp_path: Path) -> None:
-    fifo = tmp_path / "f.json"
-    os.mkfifo(fifo)
-    with pytest.raises(fsutil.NotRegularFile):
-        fsutil.read_regular(fifo, 100)  # returns at once: O_NONBLOCK, never blocks
-    (tmp_path / "t").write_bytes(b"x")
-    (tmp_path / "l.json").symlink_to(tmp_path / "t")
-    with pytest.raises(OSError):
-        fsutil.read_regular(tmp_path / "l.json", 100)
-    (tmp_path / "big.json").write_bytes(b"x" * 1000)
-    with pytest.raises(fsutil.FileTooLarge):
-        fsutil.read_regular(tmp_path / "big.json", 999)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.mkfifo(tmp_path / "f.json")
+        with pytest.raises(UnsafeSessionFile):
+            fsutil.read_regular("f.json", 100, dir_fd=fd)  # returns at once: O_NONBLOCK, never blocks
+        (tmp_path / "t").write_bytes(b"x")
+        (tmp_path / "l.json").symlink_to(tmp_path / "t")
+        with pytest.raises(UnsafeSessionFile):
+            fsutil.read_regular("l.json", 100, dir_fd=fd)
+        (tmp_path / "big.json").write_bytes(b"x" * 1000)
+        with pytest.raises(FileTooLarge):
+            fsutil.read_regular("big.json", 999, dir_fd=fd)
+        with pytest.raises(ValueError):
+            fsutil.read_regular("../t", 100, dir_fd=fd)  # one component, never a path
+    finally:
+        os.close(fd)

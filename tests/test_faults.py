@@ -23,11 +23,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sessionguard import Guard
-from sessionguard.store import Store, Version, content_hash
-
 from daemonproc import DaemonProc, eventually
-from sghelpers import make_session, needs_root, server_write
+from sessionguard import Guard
+from sessionguard.versions import content_hash
+from sghelpers import OnDisk, make_session, needs_root, pin_count, server_write, store_versions
 
 SID = "abc123def456"
 
@@ -35,22 +34,21 @@ SID = "abc123def456"
 # -- helpers -----------------------------------------------------------------------
 
 
-def versions(store: Path, sid: str = SID) -> list[Version]:
-    return Store(store).versions(sid)
+def versions(store: Path, sid: str = SID) -> list[OnDisk]:
+    return store_versions(store, sid)
 
 
-def kept(store: Path, count: int, sid: str = SID) -> Version:
+def kept(store: Path, count: int, sid: str = SID) -> OnDisk:
     """Wait until *store* holds a version of *sid* with *count* messages; return it."""
     return eventually(lambda: next((v for v in versions(store, sid) if v.count == count), None),
                       what=f"a kept {count}-message version of {sid} in {store}")
 
 
-def pinned(store: Path, count: int, sid: str = SID):
-    """Wait until *sid*'s pin in *store* holds *count* messages; return it."""
-    def check():
-        pin = Store(store).pin(sid)
-        return pin if pin is not None and pin.count == count else None
-    return eventually(check, what=f"a pin of {sid} with {count} messages in {store}")
+def pinned(store: Path, count: int, sid: str = SID) -> Path:
+    """Wait until *sid*'s pin in *store* holds *count* messages; return its path."""
+    eventually(lambda: pin_count(None, sid, store=store) == count,
+               what=f"a pin of {sid} with {count} messages in {store}")
+    return Path(store) / "pins" / sid
 
 
 def dump(doc: object) -> bytes:
@@ -125,21 +123,22 @@ def test_full_store_keeps_the_last_good_version_and_recovers_by_itself(sdir, tmp
         server_write(sdir / f"{SID}.json", make_session(0))  # the wipe, while the store is full
         v = kept(store, 1000)  # the old pin's inode got the version's name: no space needed
         failed = d.wait_event("pin.failed", lambda e: e.get("errno") == errno.ENOSPC)
-        ev = d.wait_event("degraded")
+        ev = d.wait_event("degraded", lambda e: e["component"].startswith("store:"))
         assert ev["level"] == "error" and ev["component"] == f"store:{store}" and "No space" in ev["why"], ev
         assert failed["sid"] == SID and failed["level"] == "error"
         assert any("No space" in why for why in status(d)["degraded"])
         # neither retention nor the byte cap (1 byte!) touches the newest / high-water version
         assert d.call("prune")["removed"] == []
         assert Path(v.path).read_bytes() == dump(big)
-        assert Store(store).pin(SID).count == 1000, "the old pin stays while the new one cannot be written"
+        assert pin_count(None, SID, store=store) == 1000, "the old pin stays while the new one cannot be written"
         d.assert_alive()
     finally:
         filler.unlink()
     # space is back; nothing writes to the session: the periodic reconcile re-pins it
     d.wait_event("degraded.cleared", lambda e: e["component"] == f"store:{store}")
     pinned(store, 0)
-    assert status(d)["degraded"] == []
+    # what stays is the 1-byte cap: only protected versions are left, and that is said
+    assert [w for w in status(d)["degraded"] if "max_store_bytes" not in w] == []
     assert tmp_leftovers(store) == [], "no torn tmp file left in the store"
     assert Path(kept(store, 1000).path).read_bytes() == dump(big)
     # and it protects again
@@ -202,7 +201,7 @@ def test_full_store_degraded_clears_when_the_failing_session_is_deleted(sdir, tm
         server_write(sdir / f"{SID}.json", make_session(0))
         d.wait_event("degraded")
         os.unlink(sdir / f"{SID}.json")  # the server deletes the session meanwhile
-        eventually(lambda: Store(store).pin(SID) is None, what="the pin of the deleted session dropped")
+        eventually(lambda: pin_count(None, SID, store=store) is None, what="the pin of the deleted session dropped")
     finally:
         filler.unlink()
     assert kept(store, 1000).reason in ("shrink", "deleted")
@@ -221,12 +220,12 @@ def test_read_only_store_degrades_and_keeps_the_version_once_writable(sdir, tmp_
     try:
         server_write(sdir / f"{SID}.json", make_session(0))
         failed = d.wait_event("pin.failed", lambda e: e.get("errno") == errno.EROFS)
-        ev = d.wait_event("degraded")
+        ev = d.wait_event("degraded", lambda e: e["component"].startswith("store:"))
         assert ev["level"] == "error" and "Read-only file system" in ev["why"], ev
         assert failed["sid"] == SID
         st = status(d)  # status must not try to write into the store
         assert any("Read-only" in why for why in st["degraded"]), st
-        assert Store(store).pin(SID).count == 1000, "the last good version is still pinned"
+        assert pin_count(None, SID, store=store) == 1000, "the last good version is still pinned"
         d.assert_alive()
     finally:
         mount("-o", "remount,rw", str(mp))
@@ -262,7 +261,7 @@ def test_store_on_another_filesystem_copies_and_says_so(sdir, tmp_path, tmpfs, d
     assert not d.events("watch.pin_link"), "no hard-link risk to warn about: there are no hard links"
     assert d.wait_event("daemon.started")["watches"][0]["pin_method"] == "copy"
     p = pinned(store, 1000)
-    assert p.method == "copy" and f".copy.{1000}." in os.path.basename(p.path)
+    assert os.stat(p).st_ino != os.stat(sdir / f"{SID}.json").st_ino and os.stat(p).st_nlink == 1, "a copy"
     server_write(sdir / f"{SID}.json", make_session(0))
     v = kept(store, 1000)
     assert v.method == "copy" and "_daemon_copy_" in v.name and Path(v.path).read_bytes() == dump(big)
@@ -277,11 +276,10 @@ def test_library_with_a_store_on_another_filesystem_copies(sdir, tmpfs, daemons)
     g = Guard(sdir, store=store)
     g.save(SID, make_session(300))
     g.save(SID, make_session(100))  # a shrink through the library
-    v = next(v for v in g.versions(SID) if v.count == 300)
-    assert v.method == "copy" and v.source == "library" and Path(v.path).read_bytes() == dump(make_session(300))
-    pin = g.store.pin(SID)
-    assert pin.method == "copy" and pin.count == 100
-    assert os.stat(pin.path).st_ino != os.stat(sdir / f"{SID}.json").st_ino
+    v = next(v for v in versions(store) if v.count == 300)
+    assert v.method == "copy" and v.source == "library" and v.path.read_bytes() == dump(make_session(300))
+    assert pin_count(None, SID, store=store) == 100
+    assert os.stat(store / "pins" / SID).st_ino != os.stat(sdir / f"{SID}.json").st_ino
     cfg = sdir.parent / "shared.toml"
     cfg.write_text(f'[[watch]]\npath = "{sdir}"\nstore = "{store}"\n')
     daemons("--config", str(cfg))
@@ -478,7 +476,7 @@ def test_dir_replaced_faster_than_the_root_check_is_watched_anew(sdir, tmp_path,
     d.sync()
     server_write(sdir / f"{SID}.json", make_session(0))
     kept(sdir / ".sessionguard", 11)
-    assert Store(tmp_path / "sessions.old" / ".sessionguard").pin(SID).count == 20, "the old store is untouched"
+    assert pin_count(None, SID, store=tmp_path / "sessions.old" / ".sessionguard") == 20, "the old store is untouched"
     assert status(d)["degraded"] == []
 
 

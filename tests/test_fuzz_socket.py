@@ -57,15 +57,17 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from daemonproc import DaemonProc, eventually
 from sessionguard import Guard
 from sessionguard.protocol import (
     DENIED,
@@ -79,8 +81,6 @@ from sessionguard.protocol import (
     PARSE_ERROR,
 )
 from sessionguard.watch import COOKIE_PREFIX
-
-from daemonproc import DaemonProc, eventually
 from sgbackend import rmtree, short_tmpdir
 from sghelpers import IS_ROOT, make_session, server_write
 
@@ -179,7 +179,9 @@ def tree_state(root: Path, skip: set[Path]) -> dict[str, tuple]:
 
 
 def store_folders(watch: Path) -> set[str]:
-    return set(os.listdir(watch / ".sessionguard" / "sessions"))
+    """Every id the store holds anything for: a pin (``pins/<sid>``) or versions (``sessions/<sid>/``)."""
+    store = watch / ".sessionguard"
+    return set(os.listdir(store / "pins")) | set(os.listdir(store / "sessions"))
 
 
 def _write_config(path: Path, w1: Path, w2: Path) -> None:
@@ -378,7 +380,7 @@ def exchange(connect: Connector, payload: bytes, mode: str, want: int | None = N
                 s.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the daemon may close before reading all of an over-long line
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as exc:
             errors.append(exc)
 
     if mode == "abandon":
@@ -521,7 +523,7 @@ def expectations(payload: bytes, role: str, *, eof: bool) -> tuple[list[Expect],
 def check(w: World, exps: list[Expect], got: list[bytes], role: str) -> None:
     assert len(got) == len(exps), (f"{len(exps)} answers expected, {len(got)} received:\n"
                                    + "\n".join(g[:300].decode("utf-8", "replace") for g in got))
-    for exp, raw in zip(exps, got):
+    for exp, raw in zip(exps, got, strict=False):
         resp = orjson.loads(raw)
         note(f"request {exp.line[:300]!r} -> {raw[:300]!r}")
         assert isinstance(resp, dict) and resp.get("jsonrpc") == "2.0" and "id" in resp, resp
@@ -560,7 +562,7 @@ HOSTILE_STRINGS = [
     "*", "?", "[a-z]*", "beta\n", " beta", "beta ", "BETA", "\u202ebeta", "be\u0301ta", "beta\\..\\..",
     "canarydir", "canary", "_index", "{beta_version}", "{beta_version}/../x",
 ]
-REAL_STRINGS = sorted(REAL_SIDS) + ["{w1}", "{w2}", "{beta_version}", "0", "a", "f", "1", "2"]
+REAL_STRINGS = [*sorted(REAL_SIDS), "{w1}", "{w2}", "{beta_version}", "0", "a", "f", "1", "2"]
 BIG_INTS = [2 ** 63 - 1, 2 ** 63, -(2 ** 63) - 1, 2 ** 64, 10 ** 30, -(10 ** 30)]
 
 hostile_strings = st.sampled_from(HOSTILE_STRINGS)
@@ -724,7 +726,7 @@ def raw_payloads(draw: st.DrawFn) -> bytes:
     )
     parts = [draw(frag) if draw(st.integers(0, 3)) else mutated() for _ in range(draw(st.integers(1, 6)))]
     seps = [draw(st.sampled_from([b"\n", b"\r\n", b"", b"\n\n"])) for _ in parts]
-    return b"".join(p + s for p, s in zip(parts, seps))
+    return b"".join(p + s for p, s in zip(parts, seps, strict=False))
 
 
 # -- running one example ---------------------------------------------------------------------------
@@ -762,6 +764,7 @@ def untouched(w: World, tree_before: dict[str, tuple], folders_before: dict[str,
         new = store_folders(watch) - folders_before[key]
         for name in new:
             rmtree(str(watch / ".sessionguard" / "sessions" / name))
+            (watch / ".sessionguard" / "pins" / name).unlink(missing_ok=True)
         assert not new, f"the store of {key} got a folder for an id that is no session: {sorted(new)}"
 
 
@@ -771,7 +774,7 @@ def connector(w: World, peers: dict[str, Unprivileged] | None, role: str) -> Con
 
 def request_lines(w: World, reqs: list[dict[str, Any]], blank: list[bool], ascii_only: bool) -> bytes:
     out = b""
-    for req, b in zip(reqs, blank):
+    for req, b in zip(reqs, blank, strict=False):
         out += encode(made_safe(render(req, w)), ascii_only) + b"\n" + (b"\n \r\n" if b else b"")
     return out
 
@@ -832,7 +835,8 @@ def _sweep(w: World, lines: list[tuple[bytes, Callable[[dict[str, Any]], bool]]]
     """Send every line pipelined on one connection; each answer must satisfy its predicate."""
     got = exchange(lambda: own_connection(w), b"".join(line + b"\n" for line, _ in lines), "halfclose")
     assert len(got.lines) == len(lines)
-    bad = [(line[:200], resp) for (line, ok), resp in zip(lines, map(orjson.loads, got.lines)) if not ok(resp)]
+    bad = [(line[:200], resp) for (line, ok), resp in zip(lines, map(orjson.loads, got.lines), strict=False)
+           if not ok(resp)]
     assert not bad, "\n".join(f"{line!r} -> {resp}" for line, resp in bad)
     w.counts["hostile-id sweep (lines)"] += len(lines)
 
@@ -1004,7 +1008,7 @@ def test_non_session_files_are_not_sessions(small_daemon) -> None:
         for method, params in (("history", {"sid": sid}), ("restore", {"sid": sid, "dry_run": True})):
             with pytest.raises(RuntimeError, match=str(NOT_FOUND)):
                 d.call(method, params)
-    assert sorted(os.listdir(sessions / ".sessionguard" / "sessions")) == ["alpha"]
+    assert sorted(store_folders(sessions)) == ["alpha"]
 
 
 def test_zz_the_aftermath_of_every_example(world) -> None:

@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import os
 import random
-import re
 import shutil
 import signal
 import stat
@@ -56,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from daemonproc import DaemonProc
+from daemonproc import DaemonProc  # noqa: E402 - run as a script too: its own directory first
 
 STYLES = ("atomic", "inplace", "link", "library")
 #: The issue's figure: a version on disk this long while the daemon runs must be kept.
@@ -70,7 +69,6 @@ LOSS_OPS = ("truncate", "regenerate", "wipe", "corrupt", "delete")
 INTENT_KEY = "intentional_shrink_generation"  # one of config.DEFAULT_INTENT_KEYS
 TMP_MARK = ".tmp-sg-"  # the store's tmp-file marker (fsutil.TMP_MARK)
 COOKIE_PREFIX = ".sessionguard-sync"  # the daemon's sync cookies (watch.COOKIE_PREFIX)
-_PIN_RE = re.compile(r"^pin\.\d+\.(?:link|reflink|copy)\.(?:\d+|x)\.(\d+)\.(\d+)\.(\d+)\.(\d+)$")
 #: No retention during a run: thinning is a deliberate policy (tested on its own) that
 #: the oracle could not tell from a loss.
 NO_RETENTION = 10**9
@@ -193,7 +191,7 @@ class Writer:
         self.guard = None
         if self.style == "library":
             from sessionguard import Guard
-            from sessionguard.store import Retention
+            from sessionguard.retention import Retention
 
             self.guard = Guard(self.dir, retention=Retention(keep_last=NO_RETENTION))
 
@@ -313,22 +311,13 @@ def live_keys(sdir: Path) -> dict[str, StatKey]:
     return out
 
 
-def pin_keys(store: Path) -> dict[str, set[StatKey]]:
-    """The live-file identities that the pins in the store claim to mirror, by session id."""
-    out: dict[str, set[StatKey]] = defaultdict(set)
-    root = store / "sessions"
-    if not root.is_dir():
-        return out
-    for sdir in root.iterdir():
-        try:
-            names = os.listdir(sdir)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for name in names:
-            m = _PIN_RE.match(name)
-            if m:
-                out[sdir.name].add(tuple(int(x) for x in m.groups()))  # type: ignore[arg-type]
-    return out
+def pin_matches(store: Path, sdir: Path, sid: str) -> bool:
+    """Does *sid*'s pin hold exactly what its live file holds? (A pin claims nothing in its
+    name: only its content says what it is.)"""
+    try:
+        return (store / "pins" / sid).read_bytes() == (sdir / f"{sid}.json").read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return False
 
 
 def tmp_files(dirs: list[Path], owners: set[int] | None = None) -> list[str]:
@@ -360,7 +349,7 @@ def store_usage(store: Path) -> dict[str, int]:
             st = os.lstat(os.path.join(root, name))
             files += 1
             versions += name.endswith(".version")
-            pins += name.startswith("pin.")
+            pins += os.path.basename(root) == "pins" and TMP_MARK not in name
             if (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
@@ -459,12 +448,12 @@ class Supervisor:
         self.tmp_leftovers.update(tmp_files([self.store, self.sdir], self.killed_pids))
         self.cookies_left.update(cookies_of(self.sdir, self.killed_pids))
         now = live_keys(self.sdir)
-        pins = pin_keys(self.store)
+        matched = {sid for sid in now if pin_matches(self.store, self.sdir, sid)}
         again = live_keys(self.sdir)
         for sid, key in now.items():
             if self._before_kill.get(sid) == key == again.get(sid):
                 self.pin_checks += 1
-                if key not in pins.get(sid, ()):
+                if sid not in matched:
                     self.missing_pins.append(f"after restart {self.launches - 1}: {sid} {key}")
 
     def kill(self, plan: str) -> None:
@@ -483,8 +472,8 @@ class Supervisor:
     def _plant_tmp(self, pid: int) -> None:
         """Leave a tmp file as a kill mid-write would (named by fsutil.tmp_path's rule), so that
         every restart has at least one to sweep even when the kill did not land mid-write."""
-        folders = [p for p in (self.store / "sessions").iterdir() if p.is_dir()]
-        where = self.rng.choice(folders) if folders else self.store
+        folders = [p for p in (self.store / "sessions").iterdir() if p.is_dir()] + [self.store / "pins"]
+        where = self.rng.choice(folders)
         (where / f".pin.planted{TMP_MARK}{pid}-{self.rng.randrange(16**8):08x}").write_bytes(b"torn")
         self.planted += 1
 
@@ -511,10 +500,9 @@ class Supervisor:
         self.daemon.sync(timeout=120)
         t_end = time.monotonic()
         self.windows[-1][1] = t_end
-        pins = pin_keys(self.store)
         for sid, key in live_keys(self.sdir).items():
             self.pin_checks += 1
-            if key not in pins.get(sid, ()):
+            if not pin_matches(self.store, self.sdir, sid):
                 self.missing_pins.append(f"at the end: {sid} {key}")
         self.daemon.assert_alive()
         self.daemon.stop()
@@ -780,9 +768,14 @@ def copies_on_disk(run: Run) -> dict[str, OnDisk]:
         for sdir in root.iterdir():
             for name in os.listdir(sdir):
                 path = sdir / name
-                if name == ".lock" or TMP_MARK in name or path.is_symlink() or not path.is_file():
+                if TMP_MARK in name or path.is_symlink() or not path.is_file():
                     continue
                 out[sdir.name].add(path)
+    pins = run.store / "pins"
+    if pins.is_dir():
+        for path in pins.iterdir():
+            if TMP_MARK not in path.name and path.is_file() and not path.is_symlink():
+                out[path.name].add(path)
     for sid in live_keys(run.sdir):
         try:
             out[sid].add(run.sdir / f"{sid}.json")
@@ -798,7 +791,9 @@ def overlap(a: float, b: float, windows: list[list[float]]) -> float:
 
 def _kind(path: str) -> str:
     name = os.path.basename(path)
-    return "version" if name.endswith(".version") else "pin" if name.startswith("pin.") else "live"
+    if name.endswith(".version"):
+        return "version"
+    return "pin" if os.path.basename(os.path.dirname(path)) == "pins" else "live"
 
 
 def _loses(before: Op, after: Op) -> bool:

@@ -5,18 +5,29 @@ library; the daemon, its control socket and systemd integration live in
 modules a server never imports.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _pkg_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _pkg_version
 
 from .count import CountSpec
-from .guard import (
+from .errors import (
+    Conflict,
     CorruptSessionError,
-    Guard,
-    PartialDocument,
+    NotFound,
     PartialSessionError,
-    RecoveryReport,
+    SessionGuardError,
+    SessionLocked,
+    StoreError,
     UnsafeSessionFile,
 )
-from .store import Retention, RestoreResult, Store, StoreError, Version, VersionNotFound, validate_sid
+from .events import GuardEvent
+from .guard import Guard, PartialDocument
+from .naming import Version, validate_sid
+from .recovery import RecoveryReport
+from .restore import RestoreResult
+from .retention import Retention
+
+#: The name 0.1.0 used for :class:`NotFound`.
+VersionNotFound = NotFound
 
 try:
     __version__ = _pkg_version("sessionguard")
@@ -24,19 +35,23 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
 __all__ = [
+    "Conflict",
     "CorruptSessionError",
     "CountSpec",
     "Guard",
+    "GuardEvent",
+    "NotFound",
     "PartialDocument",
     "PartialSessionError",
     "RecoveryReport",
     "RestoreResult",
     "Retention",
-    "Store",
+    "SessionGuardError",
+    "SessionLocked",
     "StoreError",
     "UnsafeSessionFile",
     "Version",
     "VersionNotFound",
-    "validate_sid",
     "__version__",
+    "validate_sid",
 ]

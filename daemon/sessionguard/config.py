@@ -24,7 +24,8 @@ from typing import Any, TextIO
 from .count import DEFAULT_MAX_BYTES, CountSpec
 from .errors import ConfigError
 from .paths import default_socket_path
-from .store import STORE_DIRNAME, Retention
+from .retention import Retention
+from .store import STORE_DIRNAME
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Key", "WatchConfig", "check_config", "from_args", "load_file",
            "needs_restart", "render", "warnings"]
@@ -34,8 +35,7 @@ DEFAULT_EXCLUDE = ("_*", ".*", "*.tmp*", "*.bak*")
 DEFAULT_INTENT_KEYS = ("intentional_shrink_generation", "clear_generation")
 LOG_FORMATS = ("auto", "json", "console", "journal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-#: ``zstd``: pins and versions kept compressed (copies, never links).
-PIN_METHODS = ("auto", "copy", "link", "zstd")
+PIN_METHODS = ("auto", "copy", "link")
 STORE_OWNERS = ("daemon", "directory")
 
 
@@ -173,7 +173,7 @@ SCHEMA: tuple[Key, ...] = (
         "shared with the watched directory's owner (a server embedding the library writes it too).",
         choices=STORE_OWNERS),
     Key(_W, "pin", "choice", '"auto"', "How prior versions are held: auto (reflink, else copy), copy, link "
-        "(hard link: only for writers that replace files by rename), zstd (compressed copies).",
+        "(hard link: only for writers that replace files by rename).",
         choices=PIN_METHODS),
     Key(_W, "max_file_bytes", "integer", "268435456", "Larger files are never read (unparseable; the last good "
         "version is kept).", minimum=0),

@@ -1,4 +1,4 @@
-"""How many messages a session file holds.
+"""How many messages a session file holds, the cheap identity of a message, and the message diff.
 
 A session is a JSON object whose messages live under a top-level key
 (default ``messages``) or a JSON pointer (``/data/messages``), or a JSONL
@@ -6,10 +6,20 @@ file with one message per non-empty line. Anything that cannot be counted —
 invalid or truncated JSON, a non-object, a non-array under the key, a file
 over the size cap — is *unparseable*: ``count`` is ``None`` and ``error``
 says why. Counting never raises on bad content.
+
+Servers write JSON that orjson refuses but their own readers accept:
+Python's ``json.dump`` writes ``NaN``/``Infinity`` by default, ``json.dumps``
+and ``JSON.stringify`` write lone-surrogate escapes (``"\\ud800"``), some
+editors add a UTF-8 BOM. Such a file is a whole conversation to its server,
+so it is counted with the standard library's parser when orjson says no —
+only then, since that parser is several times slower.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +28,8 @@ import orjson
 
 #: Files larger than this are not parsed (a 1 GB file must not stall or OOM us).
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+_BOM = b"\xef\xbb\xbf"
+_TOO_DEEP = b"\0too deep to compare"
 
 #: ``(st_dev, st_ino, st_size, st_mtime_ns)``: when none of these changed, the
 #: content is taken to be unchanged and is not re-read.
@@ -28,6 +40,12 @@ def stat_key(st: os.stat_result) -> StatKey:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def key_hash(key: StatKey) -> int:
+    """The compact form a :data:`StatKey` is remembered in (one int, not four; Python's
+    hash of a tuple of ints is the same in every process)."""
+    return hash(key)
+
+
 @dataclass(frozen=True)
 class CountSpec:
     """Where the messages are: ``key``, ``pointer`` or ``jsonl``."""
@@ -36,7 +54,7 @@ class CountSpec:
     path: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, spec: str) -> "CountSpec":
+    def parse(cls, spec: str) -> CountSpec:
         """``"messages"`` → key, ``"/a/b"`` → JSON pointer (RFC 6901), ``"jsonl"``."""
         if not isinstance(spec, str) or not spec:
             raise ValueError("count must be a non-empty string: a key, a JSON pointer or 'jsonl'")
@@ -63,6 +81,9 @@ class Parsed:
     error: str | None = None
     doc: Any = None
     messages: list[Any] | None = None
+    #: Parsed by the standard library because orjson refused it (NaN, surrogates, a BOM):
+    #: message identities then come from the standard library too (see :func:`message_key`).
+    lenient: bool = False
 
     @property
     def ok(self) -> bool:
@@ -92,19 +113,39 @@ def messages_of(doc: Any, spec: CountSpec) -> list[Any] | str:
     return node
 
 
+def loads(data: bytes) -> Any:
+    """Parse JSON as a server's own reader would: orjson, else the standard library.
+
+    Raises ``ValueError`` (orjson's message) when neither accepts it.
+    """
+    return _loads(data)[0]
+
+
+def _loads(data: bytes) -> tuple[Any, bool]:
+    """The document and whether the standard library had to parse it."""
+    try:
+        return orjson.loads(data), False
+    except orjson.JSONDecodeError as exc:
+        try:
+            text = (data[len(_BOM):] if data.startswith(_BOM) else data).decode("utf-8")
+            return json.loads(text), True
+        except (ValueError, RecursionError):
+            raise ValueError(str(exc)) from None
+
+
 def parse(data: bytes, spec: CountSpec) -> Parsed:
     """Parse session bytes; never raises on bad content."""
     if spec.kind == "jsonl":
         lines = [line for line in data.split(b"\n") if line.strip()]
         return Parsed(len(lines), doc=None, messages=lines)
     try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        doc, lenient = _loads(data)
+    except ValueError as exc:
         return Parsed(None, f"invalid JSON: {exc}")
     found = messages_of(doc, spec)
     if isinstance(found, str):
-        return Parsed(None, found, doc=doc)
-    return Parsed(len(found), doc=doc, messages=found)
+        return Parsed(None, found, doc=doc, lenient=lenient)
+    return Parsed(len(found), doc=doc, messages=found, lenient=lenient)
 
 
 def count_doc(doc: Any, spec: CountSpec) -> int:
@@ -119,14 +160,64 @@ def count_doc(doc: Any, spec: CountSpec) -> int:
     return len(found)
 
 
-def classify(old: Parsed, new: Parsed | None) -> str:
-    """Name a shrink for logs: wipe, truncate, rewrite, unparseable or deleted."""
-    if new is None:
-        return "deleted"
-    if not new.ok:
-        return "unparseable"
-    if new.count == 0:
-        return "wipe"
-    if old.messages is not None and new.messages == old.messages[: len(new.messages or [])]:
-        return "truncate"
-    return "rewrite"
+def message_key(message: Any, *, lenient: bool = False) -> int:
+    """A cheap 64-bit identity of one message, stable across processes and restarts.
+
+    The message re-serialised with sorted keys (so two writers that order
+    keys differently agree) and hashed. orjson writes ``NaN`` and
+    ``Infinity`` as ``null``, so a message from a *lenient* parse (the only
+    kind that can hold them) is serialised by the standard library, which
+    keeps them apart; so is what orjson cannot serialise (lone surrogates,
+    nesting deeper than 254).
+    """
+    if isinstance(message, bytes):  # a JSONL line
+        raw = message.strip()
+    else:
+        try:
+            if lenient:
+                raise TypeError("lenient")
+            raw = orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
+        except (TypeError, orjson.JSONEncodeError):
+            try:
+                raw = json.dumps(message, sort_keys=True).encode()
+            except (ValueError, RecursionError):
+                raw = _TOO_DEEP  # nested deeper than Python can walk: all such messages look alike
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+def decoded_messages(data: bytes, spec: CountSpec) -> list[Any] | str:
+    """The messages of session bytes as JSON values (JSONL lines parsed), or why not."""
+    if spec.kind == "jsonl":
+        out = []
+        for i, line in enumerate(line for line in data.split(b"\n") if line.strip()):
+            try:
+                out.append(loads(line))
+            except ValueError as exc:
+                return f"message line {i} is invalid JSON: {exc}"
+        return out
+    parsed = parse(data, spec)
+    if not parsed.ok:
+        return parsed.error or "unparseable"
+    return list(parsed.messages or [])
+
+
+@dataclass(frozen=True)
+class Diff:
+    """Messages of a version missing from another list (a multiset difference)."""
+
+    missing: list[tuple[int, Any]]
+    added_count: int
+
+
+def diff(version: list[Any], live: list[Any]) -> Diff:
+    """Which messages of *version* are not in *live*, by content (duplicates counted),
+    and how many of *live* are not in *version*."""
+    have = collections.Counter(message_key(m, lenient=True) for m in live)
+    missing = []
+    for i, m in enumerate(version):
+        key = message_key(m, lenient=True)
+        if have[key] > 0:
+            have[key] -= 1
+        else:
+            missing.append((i, m))
+    return Diff(missing, sum(have.values()))

@@ -1,378 +1,382 @@
-"""The embeddable guard: what a chat/agent server calls instead of its own save.
+"""The embeddable guard: what a chat/agent server calls instead of its own load and save.
 
-``Guard.save`` is an atomic save (tmp + fsync + rename + directory fsync)
-that keeps the prior version before any shrinking write, refuses to save a
-document that was loaded metadata-only, and refreshes the session's pin so a
-later shrink by *any* writer is caught. ``recover_on_startup`` heals
-unintended wipes and never reverts an intended shrink.
+``Guard.save`` / ``save_bytes`` is an atomic save (tmp + fsync + rename +
+directory fsync) that keeps the prior version before any write that loses
+messages, refuses to save a session that was loaded metadata-only and not
+fully since (the bug this project exists for), and moves the session's pin
+so a later loss by *any* writer is caught. ``recover_on_startup`` heals
+unintended losses and never reverts an intended shrink. Library and daemon
+share one store, one format and one rule for what "restore" means.
 
-Imports only the store, the counter and the standard library (plus orjson):
-a server embeds this without watchdog, structlog or systemd.
+Imports only the standard library and orjson: a server embeds this without
+watchdog, structlog or systemd.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 import stat
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from . import fsutil
-from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, count_doc, parse, stat_key
-from .store import (
-    STORE_DIRNAME,
-    Pin,
-    RestoreResult,
-    Retention,
-    is_loss,
-    loss_reason,
-    Store,
-    Version,
-    validate_sid,
-)
-
-log = logging.getLogger("sessionguard")
-
-
-class PartialSessionError(RuntimeError):
-    """Refused: the document was loaded with ``metadata_only=True``.
-
-    Saving it would replace the whole conversation with its metadata — the
-    bug this project exists to stop. Load the full session and save that.
-    """
-
-
-class UnsafeSessionFile(OSError):
-    """The session path is a symlink, FIFO, device or directory: refused, not followed."""
-
-
-class CorruptSessionError(ValueError):
-    """The session file exists but cannot be parsed (``.parsed.error`` says why)."""
-
-    def __init__(self, sid: str, parsed: Parsed) -> None:
-        super().__init__(f"session {sid!r} is unparseable: {parsed.error}")
-        self.parsed = parsed
-
-
-class PartialDocument(dict):  # type: ignore[type-arg]
-    """A session's metadata without its messages, as returned by
-    ``Guard.load(sid, metadata_only=True)``. ``Guard.save`` refuses it, even if
-    a ``messages`` key was added back to it afterwards."""
+from . import events, fsutil, metaload
+from .config import DEFAULT_INTENT_KEYS, load_file
+from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, count_doc, key_hash, parse, stat_key
+from .errors import CorruptSessionError, NotFound, PartialSessionError, UnsafeSessionFile
+from .events import GuardEvent
+from .naming import Matcher, Reason, Version, validate_sid
+from .recovery import RecoveryReport, recover_guard
+from .restore import LiveFile, RestoreResult, restore
+from .retention import Retention
+from .rules import intent_changed, is_loss, most_messages, overtaken, restore_candidate
+from .store import STORE_DIRNAME, Store
 
 
 @dataclass(frozen=True)
-class Recovered:
+class _Write:
+    """One save: what to write, its count, the document when the caller gave one, and intent."""
+
     sid: str
-    version: Version
-    count_before: int | None
+    data: bytes
+    count: int | None
+    doc: Any
+    allow_shrink: bool
+    reason: str | None
 
 
-@dataclass(frozen=True)
-class LeftAlone:
-    sid: str
-    why: str
-
-
-@dataclass
-class RecoveryReport:
-    """What ``recover_on_startup`` did: sessions restored, and sessions left alone with why."""
-
-    restored: list[Recovered] = field(default_factory=list)
-    left_alone: list[LeftAlone] = field(default_factory=list)
+class PartialDocument(dict[str, Any]):
+    """A session's metadata without its messages, as ``Guard.load(sid, metadata_only=True)``
+    returns it. ``Guard.save`` refuses it, even if a ``messages`` key was put back."""
 
 
 class Guard:
     """Guarded load/save/restore for one session directory.
 
-    ``count`` says where the messages are: a top-level key (default
-    ``messages``), a JSON pointer (``/data/messages``) or ``jsonl``.
+    *count* says where the messages are: a top-level key (default ``messages``),
+    a JSON pointer (``/data/messages``) or ``jsonl``. *intent_keys* are the
+    metadata keys whose changed value marks a shrink as meant (the daemon's
+    defaults: ``intentional_shrink_generation``, ``clear_generation``).
     Session ``<sid>`` lives in ``<session_dir>/<sid><suffix>``; the store
-    defaults to ``<session_dir>/.sessionguard`` (same filesystem, so the
-    library's versions and pins are hard links: no bytes copied).
+    defaults to ``<session_dir>/.sessionguard``. *on_event* receives every
+    :class:`~sessionguard.events.GuardEvent` (also logged to the ``sessionguard`` logger).
     """
 
-    def __init__(
-        self,
-        session_dir: str | os.PathLike[str],
-        count: str = "messages",
-        *,
-        store: str | os.PathLike[str] | None = None,
-        suffix: str | None = None,
-        retention: Retention | None = None,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        indent: bool = True,
-    ) -> None:
+    def __init__(self, session_dir: str | os.PathLike[str], count: str = "messages", *,
+                 intent_keys: tuple[str, ...] | list[str] = DEFAULT_INTENT_KEYS,
+                 store: str | os.PathLike[str] | None = None, suffix: str | None = None,
+                 retention: Retention | None = None, max_bytes: int = DEFAULT_MAX_BYTES, indent: bool = True,
+                 on_event: Callable[[GuardEvent], None] | None = None) -> None:
         self.session_dir = os.path.abspath(os.fspath(session_dir))
         self.spec = CountSpec.parse(count)
         self.suffix = suffix if suffix is not None else (".jsonl" if self.spec.kind == "jsonl" else ".json")
+        self.intent_keys = tuple(intent_keys)
         self.max_bytes = max_bytes
+        self.matcher = Matcher(f"*{self.suffix}")
         self._dump_opts = orjson.OPT_INDENT_2 if indent else 0
-        self.store = Store(
-            store if store is not None else os.path.join(self.session_dir, STORE_DIRNAME),
-            retention=retention,
-            max_bytes=max_bytes,
-        )
+        self.emit = events.Emitter(on_event)
+        self._dir_fd = os.open(self.session_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir_id = _ident(os.fstat(self._dir_fd))
+        store_path = os.path.abspath(os.fspath(store)) if store is not None else \
+            os.path.join(self.session_dir, STORE_DIRNAME)
+        parent = fsutil.open_root(os.path.dirname(store_path))
+        try:
+            self.store, notice = Store.open(parent, os.path.basename(store_path), where=store_path,
+                                            expect_uid=os.geteuid(), retention=retention, max_bytes=max_bytes)
+        finally:
+            os.close(parent)
+        if notice:
+            self.emit("store.replaced", "", level="error", why=notice)
+        self._lock = threading.Lock()
+        #: Sessions loaded metadata-only and not fully since: a shrinking save of one is refused.
+        self._partial: set[str] = set()
+        #: What this process last read or wrote of each session: (stat key hash, count).
+        self._known: dict[str, tuple[int, int | None]] = {}
 
-    # -- paths ---------------------------------------------------------------
+    @classmethod
+    def from_config(cls, session_dir: str | os.PathLike[str], config: str = "/etc/sessionguard/sessionguard.toml",
+                    **kw: Any) -> Guard:
+        """A guard with the settings of the daemon's ``[[watch]]`` for *session_dir* in
+        *config* (count, intent keys, store, retention, size cap): one source of truth."""
+        path = os.path.abspath(os.fspath(session_dir))
+        cfg = load_file(config)
+        for w in cfg.watches:
+            if w.path == path:
+                return cls(path, w.count, intent_keys=w.intent_keys, store=w.store or None,
+                           retention=w.retention, max_bytes=w.max_file_bytes, **kw)
+        raise NotFound(f"{config} has no [[watch]] with path = {path!r}")
+
+    # -- names ---------------------------------------------------------------------
 
     def path(self, sid: str) -> str:
-        return os.path.join(self.session_dir, validate_sid(sid) + self.suffix)
+        return os.path.join(self.session_dir, self._name(sid))
 
-    def _lstat(self, path: str) -> os.stat_result | None:
+    def _name(self, sid: str) -> str:
+        return validate_sid(sid) + self.suffix
+
+    def dir_fd(self) -> int:
+        """The session directory's descriptor; reopened if the directory was replaced
+        (a save must never land in a deleted directory)."""
         try:
-            st = os.lstat(path)
+            now = _ident(os.stat(self.session_dir))
         except FileNotFoundError:
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeSessionFile(f"{path} is not a regular file (symlinks are never followed)")
-        return st
+            return self._dir_fd
+        if now != self._dir_id:
+            fd = os.open(self.session_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.close(self._dir_fd)
+            self._dir_fd, self._dir_id = fd, _ident(os.fstat(fd))
+        return self._dir_fd
 
-    # -- load ----------------------------------------------------------------
+    def live_file(self, sid: str) -> LiveFile:
+        """Where *sid*'s live file is, for :func:`~sessionguard.restore.restore`."""
+        st = os.fstat(self.dir_fd())
+        return LiveFile(self._dir_fd, self._name(sid), self.spec, (st.st_uid, st.st_gid))
 
-    def load(self, sid: str, *, metadata_only: bool = False) -> dict[str, Any]:
+    # -- load ----------------------------------------------------------------------
+
+    def load(self, sid: str, *, metadata_only: bool = False) -> Any:
         """The session's document; with *metadata_only*, everything but the messages.
 
-        A metadata-only document is a :class:`PartialDocument`, which
-        :meth:`save` refuses. Raises ``FileNotFoundError``,
+        A metadata-only load reads only up to the messages when the metadata
+        comes first (keys written after the messages need a full load), and
+        marks the session partial: a later save of it with fewer messages than
+        the file is refused until a full load. Raises ``FileNotFoundError``,
         :class:`UnsafeSessionFile` or :class:`CorruptSessionError`.
         """
-        path = self.path(sid)
+        name = self._name(sid)
+        fd, st = fsutil.open_regular(name, dir_fd=self.dir_fd())
         try:
-            data, _ = fsutil.read_regular(path, self.max_bytes)
-        except fsutil.NotRegularFile as exc:
-            raise UnsafeSessionFile(str(exc)) from exc
-        except OSError as exc:
-            if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symlink
-                raise UnsafeSessionFile(f"{path} is a symlink: refused, not followed") from exc
-            raise
-        parsed = parse(data, self.spec)
-        if not parsed.ok:
-            raise CorruptSessionError(sid, parsed)
-        if self.spec.kind == "jsonl":
             if metadata_only:
-                raise ValueError("a jsonl session has no metadata apart from its messages")
-            return parsed.messages  # type: ignore[return-value]
-        if not metadata_only:
-            return parsed.doc  # type: ignore[no-any-return]
-        return PartialDocument(_without_messages(parsed.doc, self.spec.path))
+                if self.spec.kind == "jsonl":
+                    raise ValueError("a jsonl session has no metadata apart from its messages")
+                with self._lock:
+                    self._partial.add(sid)
+                if self.spec.kind == "key":
+                    meta = metaload.load_metadata(functools.partial(os.read, fd), self.spec.path[0],
+                                                  max_bytes=self.max_bytes)
+                    if meta is not None:
+                        return PartialDocument(meta)
+            parsed = parse(fsutil.read_fd(fd, st, self.max_bytes, name), self.spec)
+        finally:
+            os.close(fd)
+        if not parsed.ok:
+            raise CorruptSessionError(f"session {sid!r} is unparseable: {parsed.error}")
+        if metadata_only:
+            return PartialDocument(_without_messages(parsed.doc, self.spec.path))
+        with self._lock:
+            self._partial.discard(sid)
+            self._known[sid] = (key_hash(stat_key(st)), parsed.count)
+        return parsed.messages if self.spec.kind == "jsonl" else parsed.doc
 
-    # -- save ----------------------------------------------------------------
+    # -- save ----------------------------------------------------------------------
 
     def save(self, sid: str, doc: Any, *, allow_shrink: bool = False, reason: str | None = None) -> Version | None:
-        """Atomically write *doc* as the session, keeping the prior version first
-        if this write loses messages.
+        """Serialise *doc* (orjson) and save it; see :meth:`save_bytes`.
 
-        With ``allow_shrink=False`` a shrinking save still happens (the server
-        stays in charge) but the prior version is kept as ``shrink`` and a
-        warning is logged; with ``allow_shrink=True`` it is kept as
-        ``intended`` and logged at info with *reason*. Returns the version
-        kept, or None. Raises :class:`PartialSessionError` for a metadata-only
-        document before touching the disk.
+        A :class:`PartialDocument` is refused before anything is written.
         """
         if isinstance(doc, PartialDocument):
-            raise PartialSessionError(
-                f"refusing to save session {sid!r}: it was loaded with metadata_only=True, "
-                "so saving it would drop its messages; load the full session first"
-            )
-        path = self.path(sid)
-        new_count = count_doc(doc, self.spec)
-        data = self._serialize(doc)
+            self._refuse(sid, None, None, "the document was loaded with metadata_only=True")
+        count = count_doc(doc, self.spec)
+        if self.spec.kind == "jsonl":
+            data = b"".join(orjson.dumps(m) + b"\n" for m in doc)
+        else:
+            data = orjson.dumps(doc, option=self._dump_opts)
+        return self._save(_Write(sid, data, count, doc, allow_shrink, reason))
+
+    def save_bytes(self, sid: str, data: bytes, *, count: int | None = None, allow_shrink: bool = False,
+                   reason: str | None = None) -> Version | None:
+        """Atomically write the server's own bytes as the session, byte for byte.
+
+        *count* is the number of messages in *data* (the server knows it); without
+        it the guard parses *data*. A write that loses messages keeps the prior
+        version first: as ``intended`` with *allow_shrink* or a changed intent
+        key, else as ``shrink`` with a warning (the save still happens: the server
+        stays in charge) — unless the session was loaded metadata-only and not
+        fully since: then :class:`PartialSessionError` is raised, the refusal
+        logged (``save.refused``), and nothing written. Returns the version kept.
+        """
+        if count is None:
+            parsed = parse(data, self.spec)
+            if not parsed.ok:
+                raise ValueError(f"refusing to save session {sid!r}: the bytes are not a session ({parsed.error})")
+            count = parsed.count
+        return self._save(_Write(sid, data, count, None, allow_shrink, reason))
+
+    def _save(self, w: _Write) -> Version | None:
+        sid, name = w.sid, self._name(w.sid)
         with self.store.lock(sid):
-            live = self._lstat(path)
-            pin = self.store.pin(sid, tidy=True)
-            kept = self._keep_prior(sid, path, live, pin, new_count, allow_shrink, reason)
-            st = fsutil.atomic_write(path, data, like=live)
-            self._pin_written(sid, None if live is None else pin, path, st, new_count)
-            if kept is not None:
-                self.store.apply_retention(sid)
+            dir_fd = self.dir_fd()
+            live = fsutil.lstat_at(dir_fd, name)
+            if live is not None and not _regular(live):
+                raise UnsafeSessionFile(f"{self.path(sid)} is not a regular file (symlinks are never followed)")
+            kept = None
+            if live is None:
+                self._pin_deleted(sid)
+            else:
+                kept = self._keep_prior(w, dir_fd, name, live)
+            st = fsutil.write_file(dir_fd, name, w.data, mode=0o640, like=live)
+            self.repin(sid, dir_fd, name, st)
+            with self._lock:
+                self._known[sid] = (key_hash(stat_key(st)), w.count)
+                self._partial.discard(sid)
         return kept
 
-    def _serialize(self, doc: Any) -> bytes:
-        if self.spec.kind == "jsonl":
-            return b"".join(orjson.dumps(m) + b"\n" for m in doc)
-        return orjson.dumps(doc, option=self._dump_opts)
+    def _keep_prior(self, w: _Write, dir_fd: int, name: str, live: os.stat_result) -> Version | None:
+        """Before replacing the live file: if this write loses messages, keep what it replaces.
 
-    def _keep_prior(self, sid: str, path: str, live: os.stat_result | None, pin: Pin | None, new_count: int,
-                    allow_shrink: bool, reason: str | None) -> Version | None:
-        """Before replacing *path*: if the write loses messages, keep what it replaces.
-
-        The count of the file being replaced comes from the pin when the
-        file's identity ``(dev, ino, size, mtime_ns)`` matches it — no read,
-        no parse on the hot path. Otherwise the file changed behind the
-        guard's back: it is read once, and if that foreign write itself lost
-        messages relative to the pin, the pin is kept first. Keeping a version
-        leaves the pin in place; a deleted file's pin is dropped.
+        The live file's count comes from what this process last read or wrote
+        when its identity still matches — no read, no parse on the hot path.
+        Otherwise it changed behind the guard's back: it is read once, and if
+        that foreign write itself lost the pin's messages, the pin is kept
+        first. The file being replaced becomes the version by a hard link (it
+        is about to be renamed over: no bytes copied), checked against the
+        bytes read.
         """
-        if live is None:
-            if pin is not None:
-                if pin.count:
-                    self._keep_pin(sid, "deleted", None, pin.count)
-                self.store.drop_pin(sid)
+        sid, count = w.sid, w.count
+        with self._lock:
+            known = self._known.get(sid)
+            partial = sid in self._partial
+        same = known is not None and known[0] == key_hash(stat_key(live))
+        if same and known is not None and not is_loss(known[1], count):
             return None
-        if pin is not None and pin.key == stat_key(live):
-            if not is_loss(pin.count, new_count):
-                return None
-            return self._keep_pin(sid, "intended" if allow_shrink else "shrink", reason, pin.count, new_count)
-        fd, st = fsutil.open_regular(path)
+        fd, st = fsutil.open_regular(name, dir_fd=dir_fd)
         try:
-            prior = parse(fsutil.read_fd(fd, st, self.max_bytes, path), self.spec)
-            if pin is not None and (is_loss(pin.count, prior.count) or self.store.overtaken(pin, prior, self.spec)):
-                self._keep_pin(sid, loss_reason(prior.count), None, pin.count, prior.count)
-            if not is_loss(prior.count, new_count):
+            data = fsutil.read_fd(fd, st, self.max_bytes, name)
+            prior = parse(data, self.spec)
+            if not same:
+                self.foreign_change(sid, prior, st)
+            if not is_loss(prior.count, count):
                 return None
-            why = "intended" if allow_shrink else "shrink"
-            # The save below replaces this file by rename, so its inode can be
-            # kept as the version with a hard link: no bytes copied.
-            version = self.store.keep_fd(sid, fd, path, st, prior.count, why, "library", link=True)  # type: ignore[arg-type]
+            if partial and not w.allow_shrink:
+                self._refuse(sid, prior.count, count, "it was loaded metadata-only and not fully since")
+            why: Reason = "intended" if w.allow_shrink or self._intended(prior, w) else "shrink"
+            version = self.store.keep(sid, data, prior.count, why, "library", link_from=(dir_fd, name, fd)).version
         finally:
             os.close(fd)
-        _log_shrink(sid, why, reason, prior.count, new_count, version)
+        self.emit("session.shrunk", sid, level="info" if why == "intended" else "warning", reason=why,
+                  before=prior.count, after=count, version=version.id, note=w.reason or "")
         return version
 
-    def _keep_pin(self, sid: str, why: str, reason: str | None, before: int | None,
-                  after: int | None = None) -> Version | None:
-        version = self.store.keep_pin(sid, why, "library")  # type: ignore[arg-type]
-        _log_shrink(sid, why, reason, before, after, version)
-        return version
+    def _intended(self, prior: Parsed, w: _Write) -> bool:
+        if not self.intent_keys:
+            return False
+        new_doc = w.doc if w.doc is not None else parse(w.data, self.spec).doc
+        return intent_changed(prior.doc, new_doc, self.intent_keys)
 
-    def _pin_written(self, sid: str, old: Pin | None, path: str, st: os.stat_result, count: int) -> None:
-        """Pin the file just written: a hard link, no bytes copied.
+    def _refuse(self, sid: str, before: int | None, after: int | None, why: str) -> None:
+        self.emit("save.refused", sid, level="warning", before=before, after=after, why=why)
+        raise PartialSessionError(f"refusing to save session {sid!r}: {why}, so this save would drop its "
+                                  "messages; load the full session first (or pass allow_shrink=True)")
 
-        The file was fsynced by the save and any version this save needed
-        was made durable before it, so the pin skips both fsyncs: after a
-        crash the previous pin name may survive instead, and it still holds
-        the prior version. If another writer replaced the file in the
-        microseconds since our rename, the pin is left as it was: the next
-        save or the daemon learns the newer file.
-        """
+    def foreign_change(self, sid: str, live: Parsed, st: os.stat_result) -> None:
+        """The live file (parsed *live*, stat *st*) changed without the guard: if that
+        write lost the pin's messages (or overtook them unseen), keep the pin now. A pin
+        that shares the live inode and changed with it (rewritten in place) is reported:
+        that version is gone. Caller holds the session's lock."""
+        with self._lock:
+            known = self._known.get(sid)
+        pin = self.store.pins.stat(sid)
+        if pin is None:
+            return
+        if (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino):
+            if known is not None and is_loss(known[1], live.count):
+                self.emit("pin.overwritten", sid, level="error", before=known[1], after=live.count,
+                          why="the file was rewritten in place through another name: the pinned version is lost")
+            return
+        pinned = self.store.read_pin(sid)
+        old = parse(pinned[0], self.spec) if pinned else Parsed(None)
+        if is_loss(old.count, live.count):
+            cause = "loss"
+        elif overtaken(old, live):
+            cause = "overtaken"
+        else:
+            return
+        captured = self.store.capture(sid, live, spec=self.spec, intent_keys=self.intent_keys, source="library",
+                                      cause=cause, method="link")
+        if captured is not None:
+            self.emit("session.shrunk", sid, level="info" if captured.reason == "intended" else "warning",
+                      reason=captured.reason, before=captured.before, after=captured.after,
+                      version=captured.version.id, note="written without the guard")
+
+    def _pin_deleted(self, sid: str) -> None:
+        """The live file is gone (deleted without the guard): its pin becomes a version."""
+        captured = self.store.capture(sid, None, spec=self.spec, intent_keys=(), source="library")
+        if captured is not None:
+            self.emit("session.shrunk", sid, level="warning", reason="deleted", before=captured.before,
+                       after=None, version=captured.version.id, note="deleted without the guard")
+        self.store.pins.drop(sid)
+
+    def repin(self, sid: str, dir_fd: int, name: str, st: os.stat_result) -> None:
+        """Pin the file just written: a hard link, no bytes copied, no fsync (a pin claims
+        nothing). If another writer replaced the file since our rename, the pin is left
+        as it was: the next save or the daemon learns the newer file."""
         try:
-            fd, now = fsutil.open_regular(path)
-        except (FileNotFoundError, UnsafeSessionFile, fsutil.NotRegularFile):
+            fd, now = fsutil.open_regular(name, dir_fd=dir_fd)
+        except (FileNotFoundError, UnsafeSessionFile):
             return
         try:
-            if now.st_ino == st.st_ino and now.st_dev == st.st_dev:
-                self.store.set_pin(sid, old, fd, path, now, count, policy="link", durable=False, synced=True)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return
+            try:
+                self.store.pins.link(sid, dir_fd, name, fd)
+            except OSError:  # another filesystem, or protected_hardlinks: an independent copy
+                self.store.pins.write(sid, fsutil.read_fd(fd, now, self.max_bytes, name))
         finally:
             os.close(fd)
 
-    # -- versions and restore ------------------------------------------------
+    # -- versions and restore ----------------------------------------------------------
 
     def versions(self, sid: str) -> list[Version]:
         """Kept versions of *sid*, oldest first."""
-        return self.store.versions(validate_sid(sid))
+        return self.store.versions.of(validate_sid(sid))
 
-    def restore(self, sid: str, version: str | None = None, *, dry_run: bool = False) -> RestoreResult:
-        """Put a version back (None: the best — most messages, then newest).
-
-        The current file is kept as a ``pre-restore`` version first, so the
-        restore itself can be undone with another ``restore``.
-        """
-        result = self.store.restore(sid, self.path(sid), version, spec=self.spec, source="library",
-                                    dry_run=dry_run)
+    def restore(self, sid: str, version: str | None = None, *, most: bool = False,
+                dry_run: bool = False) -> RestoreResult:
+        """Put a version back: *version* (a hash prefix or file name), else the one
+        :func:`~sessionguard.rules.restore_candidate` picks (the state just before
+        the damage), or with *most* the one with the most messages. The current
+        file is kept as a ``pre-restore`` version first: every restore is undoable."""
+        target = pick_version(self.versions(sid), sid, version, most=most)
+        result = restore(self.store, sid, target, self.live_file(sid), source="library", dry_run=dry_run)
+        with self._lock:
+            self._known.pop(sid, None)
         if not dry_run and not result.unchanged:
-            log.warning("session.restored sid=%s version=%s count=%s", sid, result.restored.id,
-                        result.restored.count, extra={"sg_event": "session.restored", "sid": sid})
+            self.emit("session.restored", sid, level="warning", version=target.id, count=target.count,
+                       before=result.live_count)
         return result
 
-    # -- start-up recovery ---------------------------------------------------
-
     def recover_on_startup(self) -> RecoveryReport:
-        """Restore sessions emptied or corrupted by an *unintended* write.
+        """Restore sessions an *unintended* write emptied or corrupted; see :mod:`sessionguard.recovery`."""
+        return recover_guard(self)
 
-        A session is restored when its live file has zero messages or is
-        unparseable and that state was not recorded as intended: either a
-        foreign write replaced the pinned file (the guard never saw it), or
-        the guard's own last save kept a ``shrink``/``unparseable`` version.
-        An intended shrink (``allow_shrink=True``, e.g. a user's undo or
-        clear) is never reverted, and a non-empty session is never touched.
-        One bad file never stops the others: each is handled on its own.
-        """
-        report = RecoveryReport()
-        self.store.sweep_tmp()
-        self.store.sweep_tmp(self.session_dir)
-        for sid in self._all_sids():
-            try:
-                with self.store.lock(sid):
-                    self._recover_one(sid, report)
-            except Exception as exc:  # noqa: BLE001 - one session must not stop the rest
-                report.left_alone.append(LeftAlone(sid, f"error: {exc}"))
-                log.error("recovery.failed sid=%s error=%s", sid, exc,
-                          extra={"sg_event": "recovery.failed", "sid": sid})
-        return report
+    def close(self) -> None:
+        self.store.close()
+        os.close(self._dir_fd)
 
-    def _all_sids(self) -> list[str]:
-        sids = set(self.store.sessions())
-        with os.scandir(self.session_dir) as it:
-            for entry in it:
-                name = entry.name
-                if name.endswith(self.suffix) and not name.startswith(("_", ".")):
-                    sids.add(name[: -len(self.suffix)])
-        valid = []
-        for sid in sorted(sids):
-            try:
-                valid.append(validate_sid(sid))
-            except ValueError:
-                continue
-        return valid
 
-    def _recover_one(self, sid: str, report: RecoveryReport) -> None:
-        path = self.path(sid)
-        pin = self.store.pin(sid, tidy=True)
-        try:
-            fd, st = fsutil.open_regular(path)
-        except FileNotFoundError:
-            report.left_alone.append(LeftAlone(sid, "no live file (deletion is not undone automatically)"))
-            return
-        except (fsutil.NotRegularFile, OSError) as exc:
-            report.left_alone.append(LeftAlone(sid, f"not a regular file: {exc}"))
-            return
-        try:
-            live = parse(fsutil.read_fd(fd, st, self.max_bytes, path), self.spec)
-            foreign = pin is None or pin.key != stat_key(st)
-            if foreign and pin is not None and is_loss(pin.count, live.count):
-                # Someone replaced the pinned file without the guard: keep the pin first.
-                self._keep_pin(sid, loss_reason(live.count), None, pin.count, live.count)
-            if live.ok and live.count:
-                if foreign:
-                    self.store.set_pin(sid, pin, fd, path, st, live.count, policy="link")
-                report.left_alone.append(LeftAlone(sid, f"has {live.count} messages"))
-                return
-        finally:
-            os.close(fd)
-        candidate, why = self._recovery_candidate(sid, foreign)
-        if candidate is None:
-            report.left_alone.append(LeftAlone(sid, why))
-            return
-        self.store.restore(sid, path, candidate.id, spec=self.spec, source="library")
-        report.restored.append(Recovered(sid, candidate, live.count))
-        log.warning("session.recovered sid=%s version=%s count=%s", sid, candidate.id, candidate.count,
-                    extra={"sg_event": "session.recovered", "sid": sid})
-
-    def _recovery_candidate(self, sid: str, foreign: bool) -> tuple[Version | None, str]:
-        """The version to restore a wiped session from, or None and why not.
-
-        Candidates are versions kept at unintended losses since the last
-        intended shrink; the one with the most messages (then the newest) wins.
-        """
-        versions = self.store.versions(sid)
+def pick_version(versions: list[Version], sid: str, version: str | None, *, most: bool = False) -> Version:
+    """The version a restore, ``show`` or ``diff`` means: by id, ``--most``, or the rule."""
+    if version is not None:
+        if not isinstance(version, str) or not version:
+            raise ValueError("version id must be a non-empty string")
+        hits = [v for v in versions if v.name == version or v.id.startswith(version)]
+        if len(hits) == 1:
+            return hits[0]
+        raise NotFound(f"version id {version!r} is ambiguous for session {sid!r}" if hits
+                       else f"session {sid!r} has no version {version!r}")
+    chosen = most_messages(versions) if most else restore_candidate(versions)
+    if chosen is None:
         if not versions:
-            return None, "wiped, but no version was ever kept"
-        newest = versions[-1]
-        if not foreign and newest.reason == "intended":
-            return None, "emptied by an intended shrink"
-        if not foreign and newest.reason not in ("shrink", "unparseable"):
-            return None, f"last change was a {newest.reason} version, not a wipe"
-        last_intended = max((v.created for v in versions if v.reason == "intended"), default=float("-inf"))
-        candidates = [
-            v for v in versions
-            if v.created > last_intended and v.reason in ("shrink", "unparseable", "deleted") and v.count
-        ]
-        if not candidates:
-            return None, "no version with messages since the last intended shrink"
-        return max(candidates, key=lambda v: (v.count, v.created)), ""
+            raise NotFound(f"session {sid!r} has no kept versions")
+        raise NotFound(f"session {sid!r} has nothing to restore: its last change was "
+                       f"{'intended' if versions[-1].reason == 'intended' else 'not a loss'} "
+                       "(name a VERSION, or use --most for the version with the most messages)")
+    return chosen
 
 
 def _without_messages(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
@@ -389,9 +393,9 @@ def _without_messages(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, A
     return out
 
 
-def _log_shrink(sid: str, why: str, reason: str | None, before: int | None, after: int | None,
-                version: Version | None) -> None:
-    level = logging.INFO if why == "intended" else logging.WARNING
-    log.log(level, "session.shrunk sid=%s reason=%s before=%s after=%s kept=%s note=%s", sid, why, before, after,
-            version.id if version else None, reason or "",
-            extra={"sg_event": "session.shrunk", "sid": sid, "reason": why})
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _regular(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode)

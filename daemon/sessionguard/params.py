@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from .store import validate_sid
+from .naming import validate_sid
 
 Check = Callable[[Any], Any]
 

@@ -1,325 +1,274 @@
-"""The control backend over today's daemon internals (temporary).
+"""The control socket's backend: what ``sessionguardctl`` asks, answered from the live daemon.
 
-Implements :class:`sessionguard.control.Backend` with the tracker and stores
-the daemon has now, so the daemon and its tests keep working while the core
-is rewritten; the real service on the new core replaces this file. It keeps
-today's rules: ``restore`` with no version picks the version with the most
-messages (``restore`` and ``most`` in ``history`` are that one), ``expect`` is
-checked just before the restore (not under the session lock), and
-``recover``/``forget`` are not implemented (``NotFound``).
+The control server (:mod:`sessionguard.control`) authorises a caller and
+checks parameters; every method here does the work and returns a JSON-ready
+dict. The tests drive this same class through the real daemon: there is no
+second implementation with other rules. Incident recovery lives in
+:mod:`sessionguard.incident`; the Prometheus text in :mod:`sessionguard.metrics`.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import os
 import time
-from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-import orjson
-
-from . import __version__, errors, fsutil
-from .count import CountSpec, parse
+from . import __version__, incident, metrics
+from .count import decoded_messages, diff
+from .errors import NotFound, StoreError, UnsafeSessionFile
+from .guard import pick_version
+from .naming import Version
 from .protocol import Caller
-from .store import Store, StoreError, Version, VersionNotFound, content_hash
-from .tracker import Tracker, WatchState
+from .restore import restore
+from .rules import latest_change, most_messages, restore_candidate
+from .stats import Stats
+from .supervisor import Supervisor
+from .tracker import Tracker
 from .watch import Watcher
+from .watchstate import RestoreMark, WatchState
 
-#: Store usage walks every session folder: cached this long, per watch.
-USAGE_CACHE_SECONDS = 60.0
-_LOSSES = ("shrink", "unparseable", "deleted")
-
-
-class Host(Protocol):
-    """What the service reads from the daemon (replaced on reload, so read each time)."""
-
-    tracker: Tracker
-    watcher: Watcher
-    started: float
-    log: Any
+#: How long a control call waits for a session lock held by a save or a capture.
+LOCK_WAIT = 30.0
+STATE_BY_REASON = {"intended": "intended", "deleted": "deleted", "unparseable": "unparseable",
+                   "shrink": "shrunk", "replaced": "shrunk", "pre-restore": "ok"}
 
 
-def _iso(ts: float | None) -> str | None:
+def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
 
 
-@contextlib.contextmanager
-def _store_errors() -> Iterator[None]:
-    """Today's store raises its own types: say them in :mod:`sessionguard.errors` terms."""
-    try:
-        yield
-    except VersionNotFound as exc:
-        raise errors.NotFound(str(exc)) from None
-    except StoreError as exc:
-        raise errors.StoreError(str(exc)) from None
+class Service:
+    """Implements the control ``Backend`` over the daemon's tracker, watcher and stores."""
 
+    def __init__(self, *, tracker: Tracker, watcher: Watcher, supervisor: Supervisor, stats: Stats, log: Any,
+                 restore_recent_seconds: float, started: float) -> None:
+        self.tracker, self.watcher, self.supervisor = tracker, watcher, supervisor
+        self.stats, self.log = stats, log
+        self.restore_recent_seconds = restore_recent_seconds
+        self.started = started
 
-def _messages(data: bytes, spec: CountSpec) -> list[Any] | str:
-    """The parsed messages of session bytes, or why they cannot be had."""
-    if spec.kind == "jsonl":
-        out = []
-        for i, line in enumerate(line for line in data.split(b"\n") if line.strip()):
-            try:
-                out.append(orjson.loads(line))
-            except orjson.JSONDecodeError as exc:
-                return f"message line {i} is invalid JSON: {exc}"
-        return out
-    parsed = parse(data, spec)
-    if not parsed.ok:
-        return parsed.error or "unparseable"
-    return list(parsed.messages or [])
-
-
-def _missing(version: list[Any], live: list[Any]) -> tuple[list[dict[str, Any]], int]:
-    """Messages of *version* not in *live* (compared as a multiset of canonical JSON,
-    key order ignored), and how many of *live* are not in *version*."""
-    def canonical(message: Any) -> bytes:
-        return orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
-
-    have = collections.Counter(canonical(m) for m in live)
-    missing = []
-    for i, m in enumerate(version):
-        key = canonical(m)
-        if have[key] > 0:
-            have[key] -= 1
-        else:
-            missing.append({"index": i, "message": m})
-    return missing, sum(have.values())
-
-
-class DaemonService:
-    """The control backend of a running :class:`sessionguard.daemon.Daemon`."""
-
-    def __init__(self, host: Host, *, describe: Callable[[WatchState], dict[str, Any]],
-                 polled: Callable[[], Collection[str]]) -> None:
-        self.host = host
-        self._describe = describe
-        self._polled = polled
-        self._usage: dict[str, tuple[float, int, int]] = {}
-
-    # -- helpers -------------------------------------------------------------
+    # -- where a session is ----------------------------------------------------------------
 
     def _watches(self, watch: str | None) -> list[WatchState]:
-        all_ = self.host.tracker.watches
         if watch is None:
-            return list(all_)
-        hits = [ws for ws in all_ if os.path.abspath(ws.root) == os.path.normpath(watch)]
+            return self.tracker.watches
+        hits = [ws for ws in self.tracker.watches if ws.root == os.path.abspath(watch)]
         if not hits:
-            raise errors.NotFound(f"{watch} is not a watched directory (watched: {', '.join(w.root for w in all_)})")
+            raise NotFound(f"{watch} is not a watched directory (see `sessionguardctl status`)")
         return hits
 
-    def _locate(self, sid: str, watch: str | None) -> tuple[WatchState, Store]:
-        """The watch holding *sid*: tracked now, or with a folder in the store. A file
-        merely existing as ``<sid>.json`` (``_index.json``, a symlink) is no session."""
-        hits = [ws for ws in self._watches(watch) if ws.store is not None
-                and (sid in ws.files or os.path.isdir(ws.store.session_dir(sid)))]
-        if not hits:
-            raise errors.NotFound(f"no session {sid!r}" + (f" in watch {watch}" if watch else ""))
-        if len(hits) > 1:
-            raise errors.NotFound(f"session {sid!r} exists in several watches; pass watch= one of "
-                                  + ", ".join(ws.root for ws in hits))
-        assert hits[0].store is not None
-        return hits[0], hits[0].store
+    def _locate(self, sid: str, watch: str | None) -> WatchState:
+        """The watch holding *sid*: tracked now, pinned, or with versions in its store.
+        A file merely named ``<sid>.json`` is not a session (``_index.json``, a symlink)."""
+        found = [ws for ws in self._watches(watch) if _knows(ws, sid)]
+        if not found:
+            raise NotFound(f"no session {sid!r}" + (f" in watch {watch}" if watch else ""))
+        if len(found) > 1:
+            raise NotFound(f"session {sid!r} exists in several watches; pass --watch one of "
+                           + ", ".join(ws.root for ws in found))
+        return found[0]
 
-    def _find(self, store: Store, sid: str, version: str | None, most: bool) -> Version:
-        with _store_errors():
-            return store.find(sid, None if most else version)
+    def _versions(self, ws: WatchState, sid: str) -> list[Version]:
+        assert ws.store is not None
+        return ws.store.versions.of(sid)
 
-    def _read_live(self, ws: WatchState, sid: str) -> bytes | None:
-        try:
-            data, _ = fsutil.read_regular(ws.path_for(sid), ws.cfg.max_file_bytes)
-        except FileNotFoundError:
-            return None
-        return data
+    # -- read methods ---------------------------------------------------------------------
 
-    def _store_usage(self, ws: WatchState) -> tuple[int, int]:
-        at, versions, total = self._usage.get(ws.root, (0.0, 0, 0))
-        if ws.store is not None and (at == 0.0 or time.monotonic() - at > USAGE_CACHE_SECONDS):
-            versions, total = ws.store.usage()
-            self._usage[ws.root] = (time.monotonic(), versions, total)
-        return versions, total
-
-    def _degraded_of(self, ws: WatchState) -> list[str]:
-        out = []
-        for key, why in self.host.tracker.stats.degraded.items():
-            where = key.partition(":")[2]
-            if where in (ws.root, ws.cfg.store_path) or where.startswith(ws.root + os.sep):
-                out.append(why)
-        return sorted(out)
-
-    # -- read methods --------------------------------------------------------
-
-    def status(self, *, watch: str | None, caller: Caller) -> dict[str, Any]:
-        s = self.host.tracker.stats
-        rows = []
-        for ws in self._watches(watch):
-            versions, total = self._store_usage(ws)
-            last_shrink = max((t.last_shrink for t in ws.files.values() if t.last_shrink), default=None)
-            rows.append(dict(self._describe(ws), sessions=len(ws.files), versions=versions, store_bytes=total,
-                             last_reconcile=_iso(s.last_reconcile), last_shrink=_iso(last_shrink),
-                             degraded=self._degraded_of(ws)))
-        mine = {why for r in rows for why in r["degraded"]}
-        theirs = {why for ws in self.host.tracker.watches for why in self._degraded_of(ws)}
+    def status(self, *, watch: str | None = None, caller: Caller) -> dict[str, Any]:
+        s = self.stats.snapshot()
+        watches = [self._watch_status(ws, s.degraded) for ws in self._watches(watch)]
         return {
-            "version": __version__, "pid": os.getpid(), "uptime": round(time.time() - self.host.started, 1),
-            "degraded": sorted(why for why in s.degraded.values() if why in mine or why not in theirs),
-            "queued": len(self.host.watcher.queue), "events": s.events, "evaluations": s.evaluations,
-            "versions_kept": s.versions_kept, "restores": s.restores, "errors": s.errors, "overflows": s.overflows,
-            "last_overflow": _iso(s.last_overflow), "shrinks": dict(s.shrinks),
-            "sessions": sum(r["sessions"] for r in rows), "versions": sum(r["versions"] for r in rows),
-            "store_bytes": sum(r["store_bytes"] for r in rows), "overwritten_restores": [], "watches": rows,
+            "version": __version__, "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+            "degraded": sorted(s.degraded.values()), "queued": len(self.watcher.queue), "events": s.events,
+            "evaluations": s.evaluations, "versions_kept": s.versions_kept, "restores": s.restores,
+            "errors": s.errors, "overflows": s.overflows, "last_overflow": iso(s.last_overflow),
+            "shrinks": dict(s.shrinks), "sessions": sum(w["sessions"] for w in watches),
+            "versions": sum(w["versions"] for w in watches), "store_bytes": sum(w["store_bytes"] for w in watches),
+            "last_shrink": {"sid": s.last_shrink[0], "at": iso(s.last_shrink[1]), "class": s.last_shrink[2]}
+            if s.last_shrink else None,
+            "overwritten_restores": [{"sid": o.sid, "watch": o.watch, "at": iso(o.at),
+                                      "restored_at": iso(o.restored_at), "restored_count": o.restored_count,
+                                      "count_after": o.count_after} for o in s.overwritten.values()],
+            "watches": watches,
         }
 
-    def list(self, *, watch: str | None, shrunk_only: bool, intended: bool, caller: Caller) -> dict[str, Any]:
-        out = []
+    def _watch_status(self, ws: WatchState, degraded: dict[str, str]) -> dict[str, Any]:
+        versions, size = ws.store.usage() if ws.store is not None else (0, 0)
+        mine = [why for key, why in degraded.items() if key.split(":", 1)[1] in (ws.root, ws.cfg.store_path)]
+        return dict(self.supervisor.describe(ws), sessions=len(ws.files), versions=versions, store_bytes=size,
+                    last_reconcile=iso(ws.last_reconcile), degraded=sorted(mine))
+
+    def list(self, *, watch: str | None = None, shrunk_only: bool = False, intended: bool = False,
+             caller: Caller) -> dict[str, Any]:
+        """Every session of the live files and the store; VERSIONS counts files on disk."""
+        rows: list[dict[str, Any]] = []
+        overwritten = self.stats.snapshot().overwritten
         for ws in self._watches(watch):
-            for sid, t in sorted(list(ws.files.items())):
-                state = "unparseable" if t.count is None else (
-                    "shrunk" if t.versions and t.high_water is not None and t.count < t.high_water else "ok")
-                if shrunk_only and state == "ok":
+            with ws.gate.shared():
+                if ws.store is None:
                     continue
-                out.append({"sid": sid, "watch": ws.root, "state": state, "count": t.count,
-                            "high_water": t.high_water, "versions": t.versions,
-                            "last_loss": self._last_loss(ws, sid, t.count) if t.last_shrink else None,
-                            "overwritten": None})
-        return {"sessions": out}
+                with_versions = set(ws.store.versions.sids())
+                for sid in sorted(set(ws.files) | with_versions):
+                    row = self._row(ws, sid, sid in with_versions, overwritten.get((ws.root, sid)))
+                    if not shrunk_only or row["state"] in ("shrunk", "unparseable", "deleted") or (
+                            intended and row["state"] == "intended"):
+                        rows.append(row)
+        return {"sessions": rows}
 
-    @staticmethod
-    def _last_loss(ws: WatchState, sid: str, after: int | None) -> dict[str, Any] | None:
-        if ws.store is None:
-            return None
-        losses = [v for v in ws.store.versions(sid) if v.reason in _LOSSES]
-        if not losses:
-            return None
-        v = max(losses, key=lambda v: (v.created, v.name))
-        return {"reason": v.reason, "at": _iso(v.created), "before": v.count, "after": after}
+    def _row(self, ws: WatchState, sid: str, has_versions: bool, over: Any) -> dict[str, Any]:
+        tracked = ws.files.get(sid)
+        versions = self._versions(ws, sid) if has_versions else []
+        newest = latest_change(versions)
+        state = "ok" if newest is None else STATE_BY_REASON.get(newest.reason, "ok")
+        if tracked is None:
+            state = "deleted"
+        counts = [v.count for v in versions if v.count is not None]
+        if tracked is not None and tracked.count is not None:
+            counts.append(tracked.count)
+        losses = [v for v in versions if v.is_loss or v.reason == "intended"]
+        last = losses[-1] if losses else None
+        return {"sid": sid, "watch": ws.root, "state": state, "count": tracked.count if tracked else None,
+                "high_water": max(counts, default=None), "versions": len(versions),
+                "last_loss": {"reason": last.reason, "at": iso(last.created), "before": last.count,
+                              "after": None} if last else None,
+                "last_shrink": iso(last.created) if last else None,
+                "overwritten": {"at": iso(over.at), "restored_count": over.restored_count,
+                                "count_after": over.count_after} if over else None}
 
-    def history(self, *, sid: str, watch: str | None, caller: Caller) -> dict[str, Any]:
-        ws, store = self._locate(sid, watch)
-        versions = store.versions(sid)
-        try:
-            pick: str | None = self._find(store, sid, None, True).id
-        except errors.NotFound:
-            pick = None
-        return {"sid": sid, "watch": ws.root, "versions": [v.to_dict() for v in versions], "restore": pick,
-                "most": pick}
+    def history(self, *, sid: str, watch: str | None = None, caller: Caller) -> dict[str, Any]:
+        ws = self._locate(sid, watch)
+        with ws.gate.shared():
+            versions = self._versions(ws, sid)
+        rule, most = restore_candidate(versions), most_messages(versions)
+        return {"sid": sid, "watch": ws.root, "versions": [v.to_dict() for v in versions],
+                "restore": rule.id if rule else None, "most": most.id if most else None}
 
-    def show(self, *, sid: str, version: str | None, most: bool, watch: str | None, messages: bool, first: int,
-             limit: int | None, caller: Caller) -> dict[str, Any]:
-        ws, store = self._locate(sid, watch)
-        v = self._find(store, sid, version, most)
-        out: dict[str, Any] = dict(v.to_dict(), messages=None, first=first, total=v.count)
+    def _read(self, sid: str, version: str | None, most: bool, watch: str | None) -> tuple[WatchState, Version, bytes]:
+        ws = self._locate(sid, watch)
+        with ws.gate.shared():
+            if ws.store is None:
+                raise StoreError(f"{ws.root} is not available right now")
+            v = pick_version(self._versions(ws, sid), sid, version, most=most)
+            return ws, v, ws.store.versions.read(v, ws.store.max_bytes)
+
+    def show(self, *, sid: str, version: str | None = None, most: bool = False, watch: str | None = None,
+             messages: bool = False, first: int = 0, limit: int | None = None, caller: Caller) -> dict[str, Any]:
+        ws, v, data = self._read(sid, version, most, watch)
+        out: dict[str, Any] = v.to_dict()
         if messages:
-            msgs = _messages(store.read_version(v), ws.spec)
+            msgs = decoded_messages(data, ws.spec)
             if isinstance(msgs, str):
-                out["messages_error"] = msgs
+                out.update(messages=None, messages_error=msgs)
             else:
-                out.update(messages=msgs[first: None if limit is None else first + limit], total=len(msgs))
+                end = len(msgs) if limit is None else first + limit
+                out.update(messages=msgs[first:end], first=first, total=len(msgs))
         return out
 
-    def diff(self, *, sid: str, version: str | None, most: bool, watch: str | None, caller: Caller) -> dict[str, Any]:
-        ws, store = self._locate(sid, watch)
-        v = self._find(store, sid, version, most)
-        vmsgs = _messages(store.read_version(v), ws.spec)
-        if isinstance(vmsgs, str):
-            raise errors.Unprocessable(f"version {v.id} of {sid!r} cannot be parsed: {vmsgs}")
-        live = self._read_live(ws, sid)
-        lmsgs = _messages(live, ws.spec) if live is not None else []
-        missing, added = _missing(vmsgs, lmsgs if isinstance(lmsgs, list) else [])
-        out: dict[str, Any] = {
-            "sid": sid, "version": v.to_dict(), "version_count": len(vmsgs), "live_exists": live is not None,
-            "live_count": len(lmsgs) if live is not None and isinstance(lmsgs, list) else None,
-            "live_id": content_hash(live) if live is not None else None,
-            "missing": missing, "missing_count": len(missing), "added_count": added,
-        }
-        if isinstance(lmsgs, str):
-            out["live_error"] = lmsgs
-        return out
+    def diff(self, *, sid: str, version: str | None = None, most: bool = False, watch: str | None = None,
+             caller: Caller) -> dict[str, Any]:
+        return incident.diff_live(self._locate(sid, watch), *self._read(sid, version, most, watch)[1:], diff=diff)
 
-    def sync(self, *, timeout: float, caller: Caller) -> dict[str, Any]:
-        """Synced once every change made before the call was processed; never while a
-        directory is polled (inotify refused it): nothing orders its changes."""
-        polled = self._polled()
-        roots = [ws.root for ws in self.host.tracker.watches if ws.available and ws.root not in polled]
-        return {"synced": self.host.watcher.sync(roots, timeout) and not polled}
+    def sync(self, *, timeout: float = 5.0, caller: Caller) -> dict[str, Any]:
+        """Synced once every change made before the call was processed; never for a
+        polled directory (inotify refused it): nothing orders its changes."""
+        watched = [ws for ws in self.tracker.watches if ws.available and not ws.polled]
+        polled = any(ws.polled for ws in self.tracker.watches)
+        return {"synced": self.watcher.sync(watched, timeout) and not polled}
 
     def metrics(self, *, caller: Caller) -> dict[str, Any]:
-        return {"text": self.metrics_text()}
+        return {"text": metrics.render(self.stats.snapshot(), self.tracker.watches)}
 
-    def metrics_text(self) -> str:
-        """Prometheus exposition (also written to ``metrics_textfile`` by the daemon)."""
-        s = self.host.tracker.stats
-        watches = self.host.tracker.watches
-        usage = [self._store_usage(ws) for ws in watches]
-        lines: list[str] = []
+    # -- admin methods --------------------------------------------------------------------
 
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP sessionguard_{name} {help_}")
-            lines.append(f"# TYPE sessionguard_{name} {kind}")
-            lines.extend(f"sessionguard_{name}{labels} {value}" for labels, value in samples)
+    def restore(self, *, sid: str, version: str | None = None, most: bool = False, watch: str | None = None,
+                dry_run: bool = False, expect: str | None = None, caller: Caller) -> dict[str, Any]:
+        ws = self._locate(sid, watch)
+        with ws.gate.shared():
+            if ws.store is None:
+                raise StoreError(f"{ws.root} is not available right now")
+            target = pick_version(self._versions(ws, sid), sid, version, most=most)
+            parts = ws.matcher.parts_for(sid)
+            live = incident.live_file(ws, parts)
+            try:
+                hint = incident.recent_hint(live, self.restore_recent_seconds)
+                result = restore(ws.store, sid, target, live, source="admin", dry_run=dry_run, expect=expect,
+                                 lock_wait=LOCK_WAIT)
+            except UnsafeSessionFile as exc:
+                raise StoreError(f"{os.path.join(ws.root, *parts)}: {exc.strerror}; nothing was restored") from None
+            finally:
+                os.close(live.dir_fd)
+            over = self.stats.snapshot().overwritten.get((ws.root, sid))
+            if not dry_run and not result.unchanged:
+                ws.restored[sid] = RestoreMark(time.time(), target.count, target.id)
+                self.tracker.evaluate_at(ws, parts, sid, None)  # learn the restored file now
+                self.stats.bump("restores")
+        self._log_restore(sid, target, result.pre_restore, unchanged=result.unchanged, dry_run=dry_run,
+                          caller=caller)
+        return dict(result.to_dict(), watch=ws.root, hint=hint,
+                    overwritten={"at": iso(over.at), "restored_count": over.restored_count,
+                                 "count_after": over.count_after} if over else None)
 
-        metric("sessions_tracked", "gauge", "Session files currently tracked.",
-               [("", sum(len(ws.files) for ws in watches))])
-        metric("shrinks_total", "counter", "Shrinking writes seen, by class.",
-               [(f'{{class="{c}"}}', s.shrinks.get(c, 0))
-                for c in ("wipe", "truncate", "rewrite", "unparseable", "deleted")])
-        metric("versions_kept_total", "counter", "Versions kept by this daemon.", [("", s.versions_kept)])
-        metric("store_versions", "gauge", "Versions held in the stores.", [("", sum(u[0] for u in usage))])
-        metric("store_bytes", "gauge", "Bytes held in the stores (each inode once).", [("", sum(u[1] for u in usage))])
-        metric("restores_total", "counter", "Restores made through the control socket.", [("", s.restores)])
-        metric("events_total", "counter", "Filesystem events received.", [("", s.events)])
-        metric("overflows_total", "counter", "inotify queue overflows (events lost, rescanned).", [("", s.overflows)])
-        metric("reconciliations_total", "counter", "Stat-only reconciliation passes.", [("", s.reconciliations)])
-        metric("errors_total", "counter", "Errors (each also logged).", [("", s.errors)])
-        metric("degraded", "gauge", "1 while something is degraded (see status).", [("", 1 if s.degraded else 0)])
-        return "\n".join(lines) + "\n"
+    def _log_restore(self, sid: str, target: Version, pre: Version | None, *, unchanged: bool, dry_run: bool,
+                     caller: Caller) -> None:
+        if dry_run:
+            return
+        if unchanged:
+            self.log.info("session.restore_unchanged", sid=sid, version=target.id, uid=caller.uid, pid=caller.pid)
+            return
+        self.log.warning("session.restored", sid=sid, version=target.id, count=target.count,
+                         pre_restore=pre.id if pre else None, uid=caller.uid, pid=caller.pid)
 
-    # -- admin methods -------------------------------------------------------
+    def recover(self, *, since: float | None = None, watch: str | None = None, dry_run: bool = False,
+                undo: str | None = None, caller: Caller) -> dict[str, Any]:
+        ctx = incident.Context(self.tracker, self.stats, self.log, self.restore_recent_seconds)
+        return incident.recover(ctx, self._watches(watch), since=since, dry_run=dry_run, undo=undo, caller=caller)
 
-    def restore(self, *, sid: str, version: str | None, most: bool, watch: str | None, dry_run: bool,
-                expect: str | None, caller: Caller) -> dict[str, Any]:
-        ws, store = self._locate(sid, watch)
-        path = ws.path_for(sid)
-        if expect is not None:
-            live = self._read_live(ws, sid)
-            now = content_hash(live) if live is not None else None
-            if now != expect:
-                raise errors.Conflict(f"the live file of {sid!r} changed since you looked (content id now "
-                                      f"{now or 'none: the file is gone'}, expected {expect}): look again, then retry")
-        with _store_errors():
-            r = store.restore(sid, path, None if most else version, spec=ws.spec, source="admin",
-                              dry_run=dry_run, lock_timeout=30.0)
-        if not dry_run and not r.unchanged:
-            self.host.tracker.bump("restores")
-            self.host.tracker.evaluate(path)  # learn the restored file now, not at the next event
-            t = ws.files.get(sid)
-            if t is not None:
-                t.versions = len(store.versions(sid))
-            self._usage.pop(ws.root, None)
-            self.host.log.warning("session.restored", sid=sid, version=r.restored.id, count=r.restored.count,
-                                  pre_restore=r.pre_restore.id if r.pre_restore else None, uid=caller.uid,
-                                  pid=caller.pid)
-        return dict(r.to_dict(), watch=ws.root, hint=None, overwritten=None)
+    def forget(self, *, sid: str, watch: str | None = None, before: float | None = None,
+               caller: Caller) -> dict[str, Any]:
+        ws = self._locate(sid, watch)
+        with ws.gate.shared():
+            if ws.store is None:
+                raise StoreError(f"{ws.root} is not available right now")
+            with ws.store.lock(sid, LOCK_WAIT):
+                removed, pin = ws.store.forget(sid, before)
+                if pin:
+                    ws.files.pop(sid, None)
+                    ws.restored.pop(sid, None)
+        freed = sum(v.size for v in removed)
+        self.log.warning("session.forgotten", watch=ws.root, sid=sid, versions=len(removed), bytes_freed=freed,
+                         pin=pin, before=iso(before), uid=caller.uid, pid=caller.pid)
+        return {"sid": sid, "watch": ws.root, "removed": len(removed), "bytes_freed": freed, "pin_removed": pin}
 
-    def recover(self, *, since: float | None, watch: str | None, dry_run: bool, undo: str | None,
-                caller: Caller) -> dict[str, Any]:
-        raise errors.NotFound("recover is not implemented in this build")
-
-    def forget(self, *, sid: str, watch: str | None, before: float | None, caller: Caller) -> dict[str, Any]:
-        raise errors.NotFound("forget is not implemented in this build")
-
-    def prune(self, *, watch: str | None, caller: Caller) -> dict[str, Any]:
+    def prune(self, *, watch: str | None = None, caller: Caller) -> dict[str, Any]:
         removed: list[Version] = []
-        freed = 0
         for ws in self._watches(watch):
-            if ws.store is not None:
-                with _store_errors():
-                    r = ws.store.prune()
-                removed += r.removed
-                freed += r.bytes_freed
-                self._usage.pop(ws.root, None)
-        self.host.log.info("store.pruned", removed=len(removed), bytes_freed=freed, uid=caller.uid)
+            with ws.gate.shared():
+                if ws.store is None:
+                    continue
+                for sid in ws.store.versions.sids():
+                    try:
+                        with ws.store.lock(sid, 10.0):
+                            removed.extend(ws.store.retain(sid))
+                    except StoreError:
+                        continue
+                removed.extend(ws.store.enforce_cap()[0])
+        freed = sum(v.size for v in removed)
+        self.log.info("store.pruned", removed=len(removed), bytes_freed=freed, uid=caller.uid)
         return {"removed": [v.to_dict() for v in removed], "bytes_freed": freed}
+
+
+def _knows(ws: WatchState, sid: str) -> bool:
+    if ws.store is None:
+        return False
+    try:
+        ws.matcher.parts_for(sid)
+    except ValueError:
+        return False
+    if sid in ws.files or ws.store.pins.stat(sid) is not None:
+        return True
+    folder = ws.store.versions.folder(sid)
+    if folder is None:
+        return False
+    os.close(folder)
+    return True

@@ -1,34 +1,33 @@
-"""watchdog observer → per-path coalesced queue → "this file changed" calls.
+"""watchdog observer → per-path coalesced queue → one worker calling ``Tracker.evaluate``.
 
-watchdog's observer produces events; our handler only turns each into a
-path on a FIFO queue that coalesces repeats (a path already waiting is not
-queued twice, and keeps its place). One worker thread drains the queue into
-``Tracker.evaluate``, so a burst of writes to one session costs one
-evaluation, and evaluation never runs on watchdog's thread.
+watchdog's observer produces events; our handler only puts each path on a
+FIFO queue that coalesces repeats (a path already waiting is not queued
+twice, and keeps its place). One worker thread drains the queue, so a burst
+of writes to one session costs one evaluation, and evaluation never runs on
+watchdog's thread.
 
-Which events matter (everything else, notably IN_MODIFY, is filtered out in
-the kernel mask so a 400 KB write does not flood the queue):
+Which events matter (everything else, notably ``IN_MODIFY``, is filtered out
+in the kernel mask so a 400 KB write does not flood the queue): created (a
+new file, an ``os.link`` publish, a rename from outside), closed after write
+(an in-place rewrite is read once complete), moved (both ends), deleted.
 
-* created — a new file, an ``os.link``-published file, or a rename from
-  outside the watched directory;
-* closed after write — an in-place rewrite is read only once it is complete;
-* moved — both ends: the destination is the new content, the source is gone;
-* deleted — the session is gone.
-
-watchdog reports an inotify queue overflow only in its log; a logging
-handler turns that into a rescan request, because events were lost.
+An inotify queue overflow loses events. watchdog (7.1+) tells every callback
+registered on its inotify instance through ``on_queue_overflow()``; we
+register one such callback per watched root on the instance we create, and
+it triggers a rescan — no log text is parsed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
-import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from watchdog.events import (
     DirDeletedEvent,
@@ -40,18 +39,23 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, ObservedWatch
+from watchdog.observers.inotify import InotifyEmitter
+from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyEvent, InotifyFD, Mask, WatchDescriptor
 
 from . import fsutil
-from .tracker import Tracker, WatchState
+from .tracker import Tracker
+from .watchstate import WatchState
 
 #: Name prefix of ``sync`` cookie files (hidden: never a session, never the server's).
 #: The rest of the name is fsutil's tmp mark and our pid, so the start-up scan's
 #: tmp sweep removes the cookies of a daemon killed in the middle of a ``sync``.
 COOKIE_PREFIX = ".sessionguard-sync"
-_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent, DirDeletedEvent, DirMovedEvent]
-
+_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent,
+                                        DirDeletedEvent, DirMovedEvent]
+#: Adds nothing to an existing watch's mask (IN_DELETE_SELF is always in it): what the
+#: overflow sentinel registers with, so the emitter's narrow mask stays as it is.
+_SENTINEL_MASK = Mask(InotifyConstants.IN_MASK_ADD | InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_DONT_FOLLOW)
 
 #: The sysctl behind each way inotify refuses a watch (watchdog raises these errnos).
 INOTIFY_LIMITS = {errno.ENOSPC: "fs.inotify.max_user_watches", errno.EMFILE: "fs.inotify.max_user_instances"}
@@ -66,6 +70,16 @@ def inotify_hint(exc: OSError) -> str:
     return (f"raise {knob} (sysctl -w {knob}=N, and in /etc/sysctl.d/ to keep it; the package's "
             f"60-sessionguard-inotify.conf does), in a container also {per_ns}; the limit is per user, "
             "shared with every other inotify user of the same uid")
+
+
+_PR_SET_NAME = 15
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread *name* (15 bytes) in the kernel, so ``top -H``, ``ps -L``
+    and ``/proc/<pid>/task/*/comm`` tell the worker from the other threads."""
+    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 class CoalescingQueue:
@@ -108,21 +122,42 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self._count()
-        for path in (event.src_path, getattr(event, "dest_path", "")):
+        for path in (event.src_path, event.dest_path):
             if path:
                 self._put(os.fsdecode(path))
 
 
-class _OverflowHook(logging.Handler):
-    """watchdog logs an inotify queue overflow and carries on; we rescan."""
+class _OverflowSentinel:
+    """A watchdog ``WatchCallback`` that only listens for queue overflows."""
 
-    def __init__(self, callback: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
-        self._callback = callback
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        self._on_overflow = on_overflow
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self._callback()
+    def on_event(self, event: InotifyEvent) -> None:
+        pass
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        pass
+
+    def on_queue_overflow(self) -> None:
+        self._on_overflow()
+
+
+class _Observer(BaseObserver):
+    """watchdog's inotify observer, with its inotify instance in our hands so the
+    overflow sentinel can be registered on it."""
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        self.inotify = InotifyFD()  # inotify_init: EMFILE at the instance limit
+        self.inotify.start()
+        super().__init__(InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self.inotify)
+        self.sentinel = _OverflowSentinel(on_overflow)
+        self.sentinel_id = CallbackId(id(self.sentinel))
+
+    def on_thread_stop(self) -> None:
+        super().on_thread_stop()
+        self.inotify.stop()
+        self.inotify.join()
 
 
 class Watcher:
@@ -134,8 +169,9 @@ class Watcher:
         self.queue = CoalescingQueue()
         #: Made by the first schedule(), not here: it takes an inotify instance, which the
         #: instance limit may refuse; the daemon then polls and schedule() tries again.
-        self.observer: BaseObserver | None = None
-        self._scheduled: dict[str, ObservedWatch] = {}
+        self.observer: _Observer | None = None
+        self._on_overflow = on_overflow
+        self._scheduled: dict[str, tuple[ObservedWatch, WatchDescriptor]] = {}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="sessionguard-worker", daemon=True)
         self._cookies: dict[str, threading.Event] = {}
@@ -143,8 +179,6 @@ class Watcher:
         self._cookie_lock = threading.Lock()
         self.last_progress = time.monotonic()
         self.in_hand: str | None = None
-        self._overflow_hook = _OverflowHook(on_overflow)
-        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._overflow_hook)
 
     def start(self) -> None:
         self._worker.start()
@@ -154,23 +188,35 @@ class Watcher:
         (``ENOSPC``: watch limit, ``EMFILE``: instance limit; see :func:`inotify_hint`)."""
         self.unschedule(ws)
         if self.observer is None:
-            observer = Observer()  # inotify_init: EMFILE at the instance limit
+            observer = _Observer(self._on_overflow)
             observer.start()
             self.observer = observer
-        handler = _Handler(self.queue.put, lambda: self.tracker.bump("events"))
-        self._scheduled[ws.root] = self.observer.schedule(
-            handler, ws.root, recursive=ws.cfg.recursive, event_filter=_EVENTS
-        )
+        handler = _Handler(self.queue.put, lambda: self.tracker.stats.bump("events"))
+        watch = self.observer.schedule(handler, ws.root, recursive=ws.cfg.recursive, event_filter=_EVENTS)
+        try:
+            wd = self.observer.inotify.add_callback(os.fsencode(ws.root), _SENTINEL_MASK, self.observer.sentinel,
+                                                    self.observer.sentinel_id)
+        except OSError:
+            self.observer.unschedule(watch)
+            raise
+        self._scheduled[ws.root] = (watch, wd)
 
     def unschedule(self, ws: WatchState) -> None:
-        watch = self._scheduled.pop(ws.root, None)
-        if watch is not None and self.observer is not None:
-            try:
-                self.observer.unschedule(watch)
-            except (KeyError, OSError):
-                pass  # the emitter already stopped with its directory
+        entry = self._scheduled.pop(ws.root, None)
+        if entry is None or self.observer is None:
+            return
+        watch, wd = entry
+        try:
+            self.observer.inotify.remove_callbacks([(wd, self.observer.sentinel_id)])
+        except OSError:
+            pass  # the watch went with its directory
+        try:
+            self.observer.unschedule(watch)
+        except (KeyError, OSError):
+            pass  # the emitter already stopped with its directory
 
     def _run(self) -> None:
+        name_os_thread("sg-worker")
         while not self._stop.is_set():
             path = self.queue.get(timeout=0.5)
             self.last_progress = time.monotonic()
@@ -182,19 +228,22 @@ class Watcher:
                     self._cookie_seen(path)
                 else:
                     self.tracker.evaluate(path)
-            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one file
-                self.tracker.bump("errors")
-                try:
-                    self.log.exception("worker.error", path=path, error=str(exc))
-                except Exception as log_exc:  # noqa: BLE001 - nor may a failing log line end it
-                    try:  # last resort: one ASCII line on stderr
-                        os.write(2, f"sessionguardd: worker.error path={path!a} error={exc!a} "
-                                    f"(logging it failed: {log_exc!a})\n".encode())
-                    except OSError:
-                        pass
+            except Exception as exc:  # the worker must outlive any one file
+                self._report(path, exc)
             finally:
                 self.in_hand = None
                 self.last_progress = time.monotonic()
+
+    def _report(self, path: str, exc: Exception) -> None:
+        self.tracker.stats.bump("errors")
+        try:
+            self.log.exception("worker.error", path=path, error=str(exc))
+        except Exception as log_exc:  # nor may a failing log line end it
+            try:  # last resort: one ASCII line on stderr
+                os.write(2, f"sessionguardd: worker.error path={path!a} error={exc!a} "
+                            f"(logging it failed: {log_exc!a})\n".encode())
+            except OSError:
+                pass
 
     def healthy(self, stall_seconds: float) -> tuple[bool, str]:
         """Observer thread alive and the queue being drained (for the systemd watchdog).
@@ -213,38 +262,38 @@ class Watcher:
 
     # -- sync cookies --------------------------------------------------------
 
-    def sync(self, roots: list[str], timeout: float) -> bool:
-        """Return True once every event queued before this call was processed.
+    def sync(self, watches: list[WatchState], timeout: float) -> bool:
+        """True once every event queued before this call was processed.
 
-        watchman's technique: create a cookie file in each watched directory;
-        inotify delivers its event after every earlier event of that
-        directory, and our queue is FIFO, so seeing the cookie means all
-        earlier changes were evaluated.
+        watchman's technique: create a cookie file in each watched directory
+        (through its descriptor); inotify delivers its event after every
+        earlier event of that directory, and our queue is FIFO, so seeing the
+        cookie means all earlier changes were evaluated.
         """
-        waits: list[tuple[str, threading.Event]] = []
-        for root in roots:
-            path = os.path.join(root, f"{COOKIE_PREFIX}{fsutil.TMP_MARK}{os.getpid()}-{next(self._cookie_ids)}")
-            done = threading.Event()
-            with self._cookie_lock:
-                self._cookies[path] = done
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-            except OSError as exc:
-                self.log.warning("sync.cookie_failed", watch=root, error=str(exc))
+        waits: list[tuple[WatchState, str, threading.Event]] = []
+        try:
+            for ws in watches:
+                name = f"{COOKIE_PREFIX}{fsutil.TMP_MARK}{os.getpid()}-{next(self._cookie_ids)}"
+                done = threading.Event()
                 with self._cookie_lock:
-                    self._cookies.pop(path, None)
-                return False
-            waits.append((path, done))
-        deadline = time.monotonic() + timeout
-        ok = all(done.wait(max(deadline - time.monotonic(), 0)) for _, done in waits)
-        for path, _ in waits:
-            with self._cookie_lock:
-                self._cookies.pop(path, None)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        return ok
+                    self._cookies[os.path.join(ws.root, name)] = done
+                waits.append((ws, name, done))
+                if ws.root_fd is None:
+                    return False
+                try:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o600, dir_fd=ws.root_fd))
+                except OSError as exc:
+                    self.log.warning("sync.cookie_failed", watch=ws.root, error=str(exc))
+                    return False
+            deadline = time.monotonic() + timeout
+            return all(done.wait(max(deadline - time.monotonic(), 0)) for _, _, done in waits)
+        finally:
+            for ws, name, _ in waits:
+                with self._cookie_lock:
+                    self._cookies.pop(os.path.join(ws.root, name), None)
+                if ws.root_fd is not None:
+                    fsutil.unlink_quietly(ws.root_fd, name)
 
     def _cookie_seen(self, path: str) -> None:
         with self._cookie_lock:
@@ -260,4 +309,3 @@ class Watcher:
             self.observer.stop()
             self.observer.join(timeout=5)
         self._worker.join(timeout=30)
-        logging.getLogger("watchdog.observers.inotify_c").removeHandler(self._overflow_hook)

@@ -1,0 +1,197 @@
+"""Whole-directory passes: the start-up scan, the overflow rescan, the reconciliation.
+
+Events are not trusted alone. A scan compares every file with its pin (a
+file whose identity matches what the daemon remembers — or, at a start after
+a clean stop, what ``pins.cache`` says — is not re-read); the periodic
+reconciliation is stat-only and looks only at files whose identity changed;
+both treat writes as *unseen* (content is compared, not only counts).
+Directories are walked through descriptors, never through a symlink.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+from . import fsutil
+from .count import key_hash, stat_key
+from .errors import UnsafeSessionFile
+from .pins import CacheEntry
+from .tracker import Tracker
+from .watchstate import Tracked, WatchState, skip_key
+
+#: A file modified less than this long ago is left to its close/rename event by
+#: the reconciliation, so an in-place writer is never read half-way.
+SETTLE_SECONDS = 1.0
+#: How often a scan reports progress (files).
+PROGRESS_EVERY = 1000
+
+#: Told ``(files done, files in all)`` while a scan runs (for systemd's STATUS=).
+Progress = Callable[[int, int], None]
+
+
+def walk(ws: WatchState) -> Iterator[tuple[tuple[str, ...], os.DirEntry[str]]]:
+    """``(parts, entry)`` of every non-directory entry below the root (recursive
+    watches enter sub-directories the matcher allows, through checked descriptors)."""
+    assert ws.root_fd is not None
+    stack: list[tuple[tuple[str, ...], int]] = [((), os.dup(ws.root_fd))]
+    while stack:
+        parts, dir_fd = stack.pop()
+        try:
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    here = (*parts, entry.name)
+                    if not entry.is_dir(follow_symlinks=False):
+                        yield here, entry
+                    elif ws.matcher.descend(here):
+                        sub = _enter(ws, dir_fd, entry.name)
+                        if sub is not None:
+                            stack.append((here, sub))
+        except OSError:
+            continue
+        finally:
+            os.close(dir_fd)
+
+
+def _enter(ws: WatchState, dir_fd: int, name: str) -> int | None:
+    try:
+        return fsutil.walk(dir_fd, (name,), ws.check_dir)
+    except (OSError, UnsafeSessionFile):
+        return None
+
+
+def count_files(ws: WatchState) -> int:
+    """How many entries a scan will look at (names only, no stat): the total for progress."""
+    return sum(1 for _ in walk(ws))
+
+
+def scan(tracker: Tracker, ws: WatchState, cache: dict[str, CacheEntry] | None = None, *,
+         find_orphans: bool = False, progress: Progress | None = None) -> dict[str, int]:
+    """Every file against its pin. Sessions the daemon knew (or the cache knew) whose
+    file is gone were deleted while nobody looked: their pins become versions.
+    *find_orphans* also lists every pin (a start without a cache); *progress* is told
+    how far the scan is every :data:`PROGRESS_EVERY` files."""
+    assert ws.store is not None and ws.root_fd is not None
+    started = time.monotonic()
+    outcomes: Counter[str] = Counter()
+    ws.store.sweep_tmp(ws.root_fd)
+    seen: set[str] = set()
+    total = (len(cache) if cache else count_files(ws)) if progress is not None else 0
+    for done, (parts, entry) in enumerate(walk(ws), 1):
+        if progress is not None and done % PROGRESS_EVERY == 0:
+            progress(done, max(total, done))
+        sid, why = ws.matcher.identify(parts)
+        if sid is None and why is None:
+            continue
+        if sid is not None:
+            seen.add(sid)
+            if _unchanged(ws, sid, entry, cache):
+                outcomes["unchanged"] += 1
+                continue
+        outcomes[tracker.evaluate_at(ws, parts, sid, why, unseen=True)] += 1
+    known = set(ws.files) | set(cache or ())
+    for sid in sorted(known - seen):
+        outcomes[_evaluate_sid(tracker, ws, sid)] += 1
+    if find_orphans:
+        outcomes.update(orphans(tracker, ws, seen))
+    result = dict(outcomes, files=len(seen), duration_ms=int((time.monotonic() - started) * 1000))
+    tracker.log.info("scan.completed", watch=ws.root, sessions=len(ws.files), **result)
+    return result
+
+
+def _unchanged(ws: WatchState, sid: str, entry: os.DirEntry[str], cache: dict[str, CacheEntry] | None) -> bool:
+    """The file is the one pinned, by its identity alone (no read): adopt what is known."""
+    tracked = ws.files.get(sid)
+    hint = cache.get(sid) if cache is not None and tracked is None else None
+    if tracked is None and hint is None:
+        return False
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    key = key_hash(stat_key(st))
+    if tracked is not None:
+        return tracked.key == key
+    assert hint is not None
+    if hint[0] != key or not entry.is_file(follow_symlinks=False) or ws.foreign_link(st):
+        return False
+    ws.files[sid] = Tracked(*hint)
+    return True
+
+
+def _evaluate_sid(tracker: Tracker, ws: WatchState, sid: str) -> str:
+    try:
+        parts = ws.matcher.parts_for(sid)
+    except ValueError:
+        ws.files.pop(sid, None)
+        return "ignored"
+    return tracker.evaluate_at(ws, parts, sid, None, unseen=True)
+
+
+def orphans(tracker: Tracker, ws: WatchState, seen: set[str] | None = None) -> Counter[str]:
+    """Pins whose session file is gone and that the daemon did not know (made by the
+    library, or known only to a lost cache): kept as ``deleted`` versions."""
+    assert ws.store is not None
+    out: Counter[str] = Counter()
+    for sid in list(ws.store.pins.sids()):
+        if sid in ws.files or (seen is not None and sid in seen):
+            continue
+        out[_evaluate_sid(tracker, ws, sid)] += 1
+    return out
+
+
+def reconcile(tracker: Tracker, ws: WatchState) -> dict[str, int]:
+    """Cheap stat-only pass: evaluate only files whose identity changed (what the
+    event stream lost). Files modified within :data:`SETTLE_SECONDS` are left to
+    their own close/rename event."""
+    started = time.monotonic()
+    checked = changed = 0
+    now = time.time()
+    present: set[str] = set()
+    for parts, entry in walk(ws):
+        sid, why = ws.matcher.identify(parts)
+        if sid is None and why is None:
+            continue
+        checked += 1
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if sid is not None:
+            present.add(sid)
+            t = ws.files.get(sid)
+            if t is not None and t.key == key_hash(stat_key(st)):
+                continue
+        if ws.skipped.get("/".join(parts)) == skip_key(st) or now - st.st_mtime < SETTLE_SECONDS:
+            continue
+        changed += 1
+        tracker.evaluate_at(ws, parts, sid, why, unseen=True)
+    for sid in sorted((set(ws.files) | ws.failing | set(ws.deferred)) - present):
+        changed += 1
+        _evaluate_sid(tracker, ws, sid)
+    ws.last_reconcile = time.time()
+    tracker.stats.bump("reconciliations")
+    result = {"checked": checked, "changed": changed, "duration_ms": int((time.monotonic() - started) * 1000)}
+    tracker.log.debug("reconcile.completed", watch=ws.root, **result)
+    return result
+
+
+def retry_deferred(tracker: Tracker, ws: WatchState, degraded_after: float) -> None:
+    """Evaluate again the sessions whose lock another process held; degraded while any
+    has been held longer than *degraded_after* seconds."""
+    for sid in list(ws.deferred):
+        _evaluate_sid(tracker, ws, sid)
+    now = time.monotonic()
+    stuck = sorted(sid for sid, since in ws.deferred.items() if now - since > degraded_after)
+    why = None
+    if stuck:
+        why = (f"{len(stuck)} session(s) locked by another process for over {degraded_after:g} s "
+               f"(not captured meanwhile): {', '.join(stuck[:5])}")
+    tracker.stats.degrade(f"lock:{ws.root}", why)
+
+
+def cache_entries(ws: WatchState) -> dict[str, CacheEntry]:
+    """What to write to ``pins.cache`` at a clean stop."""
+    return {sid: (t.key, t.count, t.first, t.prev, t.pin) for sid, t in list(ws.files.items())}

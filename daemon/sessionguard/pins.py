@@ -1,0 +1,196 @@
+"""Pins: the last version seen of every session, one file per session in ``<store>/pins/``.
+
+A watcher learns of a write only after the old bytes are gone, so
+everything rests on the pin, held *before* the next write arrives. The
+layout is flat — ``pins/<sid>``, no folder or lock file per session — so a
+first start over a million sessions creates one inode each, and the name is
+the id itself, so the library finds a session's pin with one ``fstatat``.
+
+A pin's name claims nothing about its content: its count and hash are
+always taken from the bytes when they matter (when the pin becomes a
+version), never from a name or a cache. That is why pins are written
+without ``fsync``: a pin torn by a power cut is only a worse prior state,
+compared like any other (a torn JSON pin is unparseable and has nothing to
+lose), and the store fsyncs a pin before it becomes a version. Pins are
+replaced by ``rename`` so a reader never sees half of one.
+
+A pin's mtime is the session's *birth*: the time the daemon first saw it,
+carried from pin to pin (a hard-link pin shares the live file's mtime
+instead). The store's byte cap uses it to tell a name that lived seconds
+from a conversation that lived weeks.
+
+The daemon also keeps ``pins.cache``: what it knew of every pin at its last
+clean stop (the live file's identity, the count, the message keys). It is a
+hint for a fast restart (an unchanged live file is not re-read), never
+proof: a wrong entry costs a read, not a version.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+
+import orjson
+
+from . import fsutil
+from .fsutil import Owner
+from .naming import is_sid
+
+PINS_DIR = "pins"
+CACHE_FILE = "pins.cache"
+_CACHE_VERSION = 2
+
+#: One cached pin: hash of the live file's (dev, ino, size, mtime_ns) key, its
+#: count (None: unparseable), the keys of its first and next-to-last messages,
+#: and the hash of the pin file's own identity (0: unknown).
+CacheEntry = tuple[int, int | None, int, int, int]
+
+
+class Pins:
+    """The ``pins/`` folder of one store (``dir_fd`` is owned by the caller's :class:`Store`)."""
+
+    def __init__(self, dir_fd: int, store_fd: int, owner: Owner) -> None:
+        self.fd = dir_fd
+        self._store_fd = store_fd
+        self._owner = owner
+
+    def stat(self, sid: str) -> os.stat_result | None:
+        return fsutil.lstat_at(self.fd, sid)
+
+    def open(self, sid: str) -> tuple[int, os.stat_result] | None:
+        """The pin's descriptor and stat, or None when the session has no pin."""
+        try:
+            return fsutil.open_regular(sid, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+
+    def _birth(self, sid: str) -> int:
+        old = self.stat(sid)
+        return old.st_mtime_ns if old is not None else time.time_ns()
+
+    def write(self, sid: str, data: bytes) -> os.stat_result:
+        """Pin *data* (the bytes just read from the live file): a copy pin."""
+        birth = self._birth(sid)
+        tmp = fsutil.tmp_name(sid)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.fd)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                self._own(fd, birth)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, sid, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            fsutil.unlink_quietly(self.fd, tmp)
+            raise
+        return st
+
+    def reflink(self, sid: str, src_fd: int, max_bytes: int) -> tuple[bytes, os.stat_result] | None:
+        """Pin the live file *src_fd* by sharing its extents (``FICLONE``), zero-copy.
+
+        Returns the bytes *of the clone* (read back), so whatever the caller
+        derives from them — count, message keys — describes exactly what is
+        pinned even if an in-place writer changed the live file meanwhile.
+        None when the filesystem cannot reflink (the caller copies instead).
+        """
+        birth = self._birth(sid)
+        try:
+            method, pending = fsutil.create_clone(src_fd, self.fd, sid, allow_reflink=True)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EOPNOTSUPP):
+                return None
+            raise
+        if method != "reflink":
+            pending.discard()
+            return None
+        try:
+            st = os.fstat(pending.fd)
+            data = fsutil.read_fd(pending.fd, st, max_bytes)
+            self._own(pending.fd, birth)
+            st = os.fstat(pending.fd)
+        except BaseException:
+            pending.discard()
+            raise
+        pending.publish(sid, durable=False)
+        return data, st
+
+    def link(self, sid: str, src_dir_fd: int, src_name: str, src_fd: int) -> os.stat_result:
+        """Pin the live file by a hard link to its inode: zero-copy, but shared.
+
+        Safe only for writers that replace files by rename (the library, which
+        does so itself): an in-place rewrite changes the pin too. Raises
+        ``OSError`` (``EXDEV``, ``EPERM``, ``ENOENT``) when a link is impossible.
+        """
+        tmp = fsutil.tmp_name(sid)
+        fsutil.link_file(src_dir_fd, src_name, src_fd, self.fd, tmp)
+        try:
+            os.rename(tmp, sid, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            fsutil.unlink_quietly(self.fd, tmp)
+            raise
+        return os.fstat(src_fd)
+
+    def adopt(self, sid: str, src_dir_fd: int, src_name: str) -> os.stat_result:
+        """Pin a file of the store itself (a version just restored): a hard link, no copy."""
+        tmp = fsutil.tmp_name(sid)
+        os.link(src_name, tmp, src_dir_fd=src_dir_fd, dst_dir_fd=self.fd, follow_symlinks=False)
+        try:
+            os.rename(tmp, sid, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            fsutil.unlink_quietly(self.fd, tmp)
+            raise
+        return os.stat(sid, dir_fd=self.fd, follow_symlinks=False)
+
+    def _own(self, fd: int, birth_ns: int) -> None:
+        os.fchmod(fd, 0o600)
+        if self._owner is not None and self._owner != (os.geteuid(), os.getegid()):
+            try:
+                os.fchown(fd, *self._owner)
+            except PermissionError:
+                pass
+        os.utime(fd, ns=(time.time_ns(), birth_ns))
+
+    def drop(self, sid: str) -> bool:
+        """Forget the pin (its session was deleted and the pin kept, or forgotten)."""
+        return fsutil.unlink_quietly(self.fd, sid)
+
+    def sids(self) -> Iterator[str]:
+        """Every session that has a pin (one listing of the folder)."""
+        with os.scandir(self.fd) as it:
+            for entry in it:
+                if is_sid(entry.name):
+                    yield entry.name
+
+    # -- the daemon's restart hint ---------------------------------------------------
+
+    def load_cache(self) -> dict[str, CacheEntry]:
+        """What the daemon knew at its last clean stop; empty when missing or unreadable."""
+        try:
+            data, _ = fsutil.read_regular(CACHE_FILE, 1 << 31, dir_fd=self._store_fd)
+            raw = orjson.loads(data)
+        except (OSError, orjson.JSONDecodeError):
+            return {}
+        if not isinstance(raw, dict) or raw.get("version") != _CACHE_VERSION or not isinstance(raw.get("pins"), dict):
+            return {}
+        out: dict[str, CacheEntry] = {}
+        for sid, entry in raw["pins"].items():
+            if isinstance(entry, list) and len(entry) == 5:
+                out[sid] = (entry[0], entry[1], entry[2], entry[3], entry[4])
+        return out
+
+    def save_cache(self, entries: dict[str, CacheEntry]) -> None:
+        """Write the hint durably, after every pin it describes is durable (``syncfs``)."""
+        fsutil.syncfs(self.fd)
+        data = orjson.dumps({"version": _CACHE_VERSION, "pins": entries})
+        fsutil.write_file(self._store_fd, CACHE_FILE, data, owner=self._owner)
+
+    def drop_cache(self) -> None:
+        """Remove the hint: from now on it would describe the past (the daemon is running)."""
+        if fsutil.unlink_quietly(self._store_fd, CACHE_FILE):
+            fsutil.fsync_dir(self._store_fd)

@@ -1,0 +1,167 @@
+"""What the daemon holds for one watched directory: its descriptors, store and sessions.
+
+Kept apart from the decisions (:mod:`sessionguard.tracker`) so that the
+supervisor, the passes and the control service share one picture of a
+watch without reaching into each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import fsutil
+from .config import WatchConfig
+from .count import CountSpec, key_hash, stat_key
+from .naming import Matcher, Method
+from .rules import Identity
+from .store import Store
+
+#: What a skipped file was when it was skipped (identity, link count, owner):
+#: a change of any is looked at again.
+SkipKey = tuple[int, ...]
+
+
+def skip_key(st: os.stat_result) -> SkipKey:
+    return (*stat_key(st), st.st_nlink, st.st_uid)
+
+
+class Gate:
+    """A readers-writer lock: any number of shared holders (evaluations, restores —
+    re-entrant, so a restore may evaluate), or one exclusive holder (the supervisor
+    closing descriptors). Readers never wait for each other, so a restore waiting for
+    a session lock never stalls the worker."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def pin_key(st: os.stat_result) -> int:
+    """The identity of a pin file as the daemon left it (inode, size, mtime): when the pin
+    on disk has another, someone else (the library) moved it and it must be read."""
+    return key_hash((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+class Tracked:
+    """What the daemon remembers of one session: the live file's identity (*key*), the pin
+    it wrote (*pin*: see :func:`pin_key`; 0 when unknown) and what that pin holds (*count*,
+    the keys of its *first* and next-to-last messages). Kept small: a million fit in RSS."""
+
+    __slots__ = ("count", "first", "key", "pin", "prev")
+
+    def __init__(self, key: int, count: int | None, first: int = 0, prev: int = 0, pin: int = 0) -> None:
+        self.key, self.count, self.first, self.prev, self.pin = key, count, first, prev, pin
+
+    def identity(self) -> Identity | None:
+        """The pin's identity when known (a pin learned from an old store's names has none)."""
+        if self.count is None or (self.first == 0 and self.count > 0):
+            return None
+        return Identity(self.count, self.first, self.prev)
+
+
+@dataclass
+class RestoreMark:
+    """A restore the daemon made, watched until the session grows past it."""
+
+    at: float
+    count: int | None
+    version: str
+
+
+class WatchState:
+    """One watched directory: its config, checked descriptor, store and tracked sessions."""
+
+    def __init__(self, cfg: WatchConfig) -> None:
+        self.cfg = cfg
+        self.root = cfg.path
+        in_dir = not cfg.store or os.path.dirname(cfg.store_path) == cfg.path
+        self.matcher = Matcher(cfg.pattern, cfg.exclude, cfg.recursive,
+                               frozenset({os.path.basename(cfg.store_path)}) if in_dir else frozenset())
+        self.spec = CountSpec.parse(cfg.count)
+        self.root_fd: int | None = None
+        self.root_uid = -1
+        self.root_dev = -1
+        self.root_ident: tuple[int, int] = (-1, -1)
+        self.store: Store | None = None
+        self.available = False
+        self.polled = False
+        self.pin_method: Method = "copy"
+        self.files: dict[str, Tracked] = {}
+        self.skipped: dict[str, SkipKey] = {}
+        self.failing: set[str] = set()
+        self.deferred: dict[str, float] = {}
+        self.restored: dict[str, RestoreMark] = {}
+        self.last_reconcile: float | None = None
+        #: Shared by every evaluation and control call on this watch, exclusive for
+        #: the supervisor while it swaps or closes the descriptors above: a descriptor
+        #: number is never used after it was closed (and perhaps reused for another file).
+        self.gate = Gate()
+
+    def parts_of(self, path: str) -> tuple[str, ...] | None:
+        """The components of an absolute event path below this watch's root, or None."""
+        if not path.startswith(self.root + os.sep):
+            return None
+        return tuple(path[len(self.root) + 1:].split(os.sep))
+
+    def check_dir(self, st: os.stat_result) -> str | None:
+        """Why a sub-directory may not be entered: another filesystem or another owner
+        (a directory swapped in from elsewhere); None when it may."""
+        if st.st_dev != self.root_dev:
+            return "on another filesystem than the watched directory: not entered"
+        if st.st_uid not in (self.root_uid, os.geteuid()):
+            return f"owned by uid {st.st_uid}, not the watched directory's owner: not entered"
+        return None
+
+    def open_parent(self, parts: tuple[str, ...]) -> int:
+        """A new descriptor of the directory holding *parts*' file (the caller closes it)."""
+        assert self.root_fd is not None
+        return fsutil.walk(self.root_fd, parts[:-1], self.check_dir)
+
+    def foreign_link(self, st: os.stat_result, pin: os.stat_result | None = None) -> str | None:
+        """Why a hard link to someone else's file is not read, or None.
+
+        A second name for a file owned by another user than the directory's
+        owner is most likely someone else's file linked in here: a root daemon
+        reading it would copy, say, ``/etc/shadow`` into the store. Links made
+        by the directory's owner (an ``os.link`` publish, the library's pins)
+        are normal, and so is our own hard-link *pin* of this very file.
+        """
+        links = st.st_nlink
+        if pin is not None and (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino):
+            links -= 1
+        if links <= 1 or st.st_uid == self.root_uid:
+            return None
+        return (f"hard link to a file owned by uid {st.st_uid}; the directory belongs to uid {self.root_uid}: "
+                "not read")

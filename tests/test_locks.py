@@ -1,0 +1,171 @@
+"""Session locks: OFD range locks on one file, across processes and threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sessionguard.errors import SessionLocked, StoreError
+from sessionguard.locks import LOCK_FILE, Locks, session_byte
+from sghelpers import HeldElsewhere, lockable_elsewhere
+
+SID = "abc123def456"
+#: Two ids whose lock bytes collide (found by a birthday search over "s%x" ids).
+TWIN_A, TWIN_B = "s446b2", "s10eea3"
+
+
+@pytest.fixture
+def lock_path(tmp_path: Path) -> Path:
+    """The store directory (its ``lock`` file is made on the first hold)."""
+    return tmp_path
+
+
+def _dir_fd(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+@pytest.fixture
+def locks(lock_path: Path) -> Iterator[Locks]:
+    lk = Locks(_dir_fd(lock_path))
+    yield lk
+    os.close(lk.store_fd)
+
+
+def test_session_bytes_are_stable(lock_path: Path, locks: Locks) -> None:
+    assert session_byte(SID) == session_byte(SID) >= 1
+    with locks.session(SID):
+        assert (lock_path / LOCK_FILE).is_file(), "one lock file for every session"
+    assert os.listdir(lock_path) == [LOCK_FILE]
+    assert session_byte(SID) != session_byte(SID + "x")
+    assert session_byte(TWIN_A) == session_byte(TWIN_B)
+    assert session_byte("\udcff") >= 1  # a surrogate-escaped name still has a byte
+
+
+def test_another_process_holding_a_session_excludes_us_until_it_lets_go(lock_path: Path, locks: Locks) -> None:
+    with HeldElsewhere(lock_path, SID) as holder:
+        for wait in (0, 0.2):
+            with pytest.raises(SessionLocked, match="another process"), locks.session(SID, wait=wait):
+                pass
+        with locks.session("other-session", wait=0):  # one byte each: others go on
+            pass
+        holder.release()
+    with locks.session(SID, wait=30):
+        assert not lockable_elsewhere(lock_path, SID)
+    assert lockable_elsewhere(lock_path, SID)
+
+
+def test_a_killed_holder_leaves_no_lock_behind(lock_path: Path, locks: Locks) -> None:
+    with HeldElsewhere(lock_path, SID) as holder:
+        with pytest.raises(SessionLocked), locks.session(SID, wait=0):
+            pass
+        holder.kill()
+        assert holder.proc.exitcode == -9
+        with locks.session(SID, wait=30):
+            pass
+
+
+def test_threads_exclude_each_other_on_one_locks_object_and_on_two(lock_path: Path, locks: Locks) -> None:
+    """A read-modify-write under the lock from many threads loses no update; half the threads use a
+    second Locks on its own descriptor (a second Store of the same process: only the OFD lock binds them)."""
+    second = Locks(_dir_fd(lock_path))
+    box = {"n": 0}
+    errors: list[BaseException] = []
+
+    def work(lk: Locks) -> None:
+        try:
+            for _ in range(200):
+                with lk.session(SID, wait=60):
+                    n = box["n"]
+                    time.sleep(0)  # invite a switch between the read and the write
+                    box["n"] = n + 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(lk,)) for lk in (locks, second) * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    os.close(second.store_fd)
+    assert not errors and box["n"] == 6 * 200
+
+
+def test_a_thread_holding_the_lock_bounds_another_threads_wait(locks: Locks) -> None:
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with locks.session(SID):
+            held.set()
+            done.wait(60)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(SessionLocked, match="busy in this process"), locks.session(SID, wait=0.05):
+            pass
+    finally:
+        done.set()
+        t.join(60)
+    with locks.session(SID, wait=0):
+        pass
+
+
+def test_reentrant_in_one_thread_and_released_only_by_the_outermost(lock_path: Path, locks: Locks) -> None:
+    with locks.session(SID):
+        with locks.session(SID, wait=0), locks.session(SID):
+            pass
+        assert not lockable_elsewhere(lock_path, SID)  # the inner exits did not unlock the byte
+    assert lockable_elsewhere(lock_path, SID)
+
+
+def test_two_ids_sharing_a_byte_take_turns(lock_path: Path, locks: Locks) -> None:
+    # across processes
+    with HeldElsewhere(lock_path, TWIN_A), pytest.raises(SessionLocked), locks.session(TWIN_B, wait=0.05):
+        pass
+    # across threads of one process: the in-process half is keyed by byte, not by id
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with locks.session(TWIN_A):
+            held.set()
+            done.wait(60)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(SessionLocked), locks.session(TWIN_B, wait=0.05):
+            pass
+    finally:
+        done.set()
+        t.join(60)
+    # one thread holding both: releasing the inner twin must not unlock the outer one
+    with locks.session(TWIN_A):
+        with locks.session(TWIN_B):
+            pass
+        assert not lockable_elsewhere(lock_path, TWIN_A)
+    assert lockable_elsewhere(lock_path, TWIN_B)
+
+
+def test_claim_daemon_refuses_a_second_daemon(lock_path: Path, locks: Locks) -> None:
+    with HeldElsewhere(lock_path, "daemon") as holder:
+        with pytest.raises(StoreError, match="another sessionguardd"):
+            locks.claim_daemon()
+        with locks.session(SID, wait=0):  # the claim is not a session lock
+            pass
+        holder.release()
+    locks.claim_daemon()
+    locks.claim_daemon()  # the same descriptor again: still ours
+    assert not lockable_elsewhere(lock_path, "daemon")
+    second = Locks(_dir_fd(lock_path))
+    try:
+        with pytest.raises(StoreError):
+            second.claim_daemon()  # a second store object in this process is a second daemon too
+    finally:
+        os.close(second.store_fd)

@@ -1,0 +1,106 @@
+"""The worker's queue: FIFO, a path already waiting is not queued twice and keeps its place."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from sessionguard.watch import CoalescingQueue
+
+
+def blocked_in_wait(t: threading.Thread) -> None:
+    """Return once *t* is inside Condition.wait (a positive marker, no fixed sleep): from then
+    on it can only leave by a notify or its timeout."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        frame = sys._current_frames().get(t.ident or -1)
+        while frame is not None:
+            if frame.f_code.co_name == "wait" and frame.f_code.co_filename == threading.__file__:
+                return
+            frame = frame.f_back
+        time.sleep(0.001)
+    raise AssertionError(f"{t.name} never started waiting")
+
+
+def drain(q: CoalescingQueue) -> list[str]:
+    out = []
+    while (item := q.get(0)) is not None:
+        out.append(item)
+    return out
+
+
+def test_fifo_and_coalescing_keeps_the_first_position() -> None:
+    q = CoalescingQueue()
+    for p in ("/d/a.json", "/d/b.json", "/d/a.json", "/d/c.json", "/d/b.json", "/d/a.json"):
+        q.put(p)
+    assert len(q) == 3
+    assert drain(q) == ["/d/a.json", "/d/b.json", "/d/c.json"]
+    assert len(q) == 0
+
+
+def test_a_path_taken_off_the_queue_can_be_queued_again() -> None:
+    q = CoalescingQueue()
+    q.put("/d/a.json")
+    q.put("/d/b.json")
+    assert q.get(0) == "/d/a.json"
+    q.put("/d/a.json")  # a new write after the worker took the old one: must be seen again
+    assert drain(q) == ["/d/b.json", "/d/a.json"]
+
+
+def test_get_times_out_empty() -> None:
+    q = CoalescingQueue()
+    assert q.get(0) is None
+    assert q.get(0.05) is None
+
+
+def test_a_waiting_get_returns_what_another_thread_puts() -> None:
+    q = CoalescingQueue()
+    got: list[str | None] = []
+    t = threading.Thread(target=lambda: got.append(q.get(3600)), daemon=True)
+    t.start()
+    blocked_in_wait(t)
+    q.put("/d/x.json")
+    t.join(30)
+    assert not t.is_alive() and got == ["/d/x.json"]
+
+
+def test_close_wakes_every_waiter_and_later_gets_do_not_wait() -> None:
+    q = CoalescingQueue()
+    results: list[str | None] = []
+    threads = [threading.Thread(target=lambda: results.append(q.get(3600)), daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+        blocked_in_wait(t)  # would wait an hour without close()
+    q.close()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads) and results == [None, None, None]
+    done = threading.Thread(target=lambda: results.append(q.get(3600)), daemon=True)
+    done.start()
+    done.join(30)
+    assert not done.is_alive()
+
+
+def test_items_queued_before_close_are_still_delivered() -> None:
+    q = CoalescingQueue()
+    q.put("/d/a.json")
+    q.close()
+    assert q.get(3600) == "/d/a.json" and q.get(3600) is None
+
+
+def test_many_producers_lose_nothing() -> None:
+    q = CoalescingQueue()
+    paths = [f"/d/{i}.json" for i in range(200)]
+
+    def produce(offset: int) -> None:
+        for i in range(len(paths)):
+            q.put(paths[(i + offset) % len(paths)])
+
+    threads = [threading.Thread(target=produce, args=(k * 50,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    got = drain(q)
+    assert sorted(got) == sorted(paths) and len(got) == len(set(got))

@@ -1,0 +1,396 @@
+"""The tracker's decisions and the whole-directory passes, in-process, on real files."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sessionguard import fsutil, passes
+from sessionguard.config import WatchConfig
+from sessionguard.naming import Version
+from sessionguard.stats import Stats
+from sessionguard.store import Store
+from sessionguard.tracker import Tracker, WatchState
+from sghelpers import HeldElsewhere, Recorder, make_session, needs_root
+
+SID = "abc123def456"
+SECRET = b'{"messages": ["root:$6$never-to-be-copied"]}'
+
+
+def data(n: int, sid: str = SID, **extra: object) -> bytes:
+    return orjson.dumps(make_session(n, sid, extra=extra or None), option=orjson.OPT_INDENT_2)
+
+
+def other(n: int) -> bytes:
+    """Another conversation of *n* messages."""
+    return orjson.dumps({"messages": [{"role": "user", "content": f"elsewhere {i}"} for i in range(n)]})
+
+
+def streamed(n: int) -> bytes:
+    """*n* messages, the last one still being streamed (its text rewritten)."""
+    doc = make_session(n)
+    doc["messages"][-1]["content"] += " and more tokens"
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+
+
+def put(path: Path, body: bytes) -> None:
+    """A server's save: tmp in the same directory, then rename."""
+    tmp = path.with_name(".test-saving")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)
+
+
+class Env:
+    """One watch built by hand, as the daemon's supervisor would, with a recording logger."""
+
+    def __init__(self, sdir: Path, **cfg: object) -> None:
+        self.sdir = sdir
+        self.ws = WatchState(WatchConfig(path=str(sdir), **cfg))  # type: ignore[arg-type]
+        fd = fsutil.open_root(str(sdir))
+        st = os.fstat(fd)
+        self.ws.root_fd, self.ws.root_uid, self.ws.root_dev = fd, st.st_uid, st.st_dev
+        self.ws.root_ident = (st.st_dev, st.st_ino)
+        self.ws.store, _ = Store.open(fd, where=self.ws.cfg.store_path, expect_uid=os.geteuid(),
+                                      max_bytes=self.ws.cfg.max_file_bytes, retention=self.ws.cfg.retention)
+        self.ws.available = True
+        self.log = Recorder()
+        self.stats = Stats(self.log)
+        self.tracker = Tracker([self.ws], self.stats, self.log)
+
+    @property
+    def store(self) -> Store:
+        assert self.ws.store is not None
+        return self.ws.store
+
+    def ev(self, name: str = f"{SID}.json") -> str:
+        return self.tracker.evaluate(str(self.sdir / name))
+
+    def versions(self, sid: str = SID) -> list[Version]:
+        return self.store.versions.of(sid)
+
+    def store_holds(self, needle: bytes) -> bool:
+        for dirpath, _, files in os.walk(self.store.where):
+            if any(needle in Path(dirpath, f).read_bytes() for f in files):
+                return True
+        return False
+
+    def close(self) -> None:
+        self.store.close()
+        os.close(self.ws.root_fd or -1)
+
+
+@pytest.fixture
+def sdir(tmp_path: Path) -> Path:
+    d = tmp_path / "sessions"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def env(sdir: Path) -> Iterator[Env]:
+    e = Env(sdir)
+    yield e
+    e.close()
+
+
+# -- one event, one decision -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "after, outcome, kept",
+    [
+        (data(5), "unchanged", None),  # the same file: not even read
+        (data(6), "grew", None),
+        (data(5, title="renamed"), "same", None),
+        (streamed(5), "same", None),  # a streaming rewrite of the last message
+        (data(2), "shrunk", ("shrink", "truncate")),
+        (data(0), "shrunk", ("shrink", "wipe")),
+        (b'{"messages": [', "unparseable", ("unparseable", "unparseable")),
+        (other(5), "same", ("replaced", "replaced")),  # another conversation, as long
+        (other(9), "grew", ("replaced", "replaced")),  # another conversation, longer
+        (data(2, intentional_shrink_generation="u2"), "shrunk", ("intended", "truncate")),
+    ],
+)
+def test_decisions(env: Env, after: bytes, outcome: str, kept: tuple[str, str] | None) -> None:
+    live = env.sdir / f"{SID}.json"
+    put(live, data(5, intentional_shrink_generation="u1") if b"u2" in after else data(5))
+    assert env.ev() == "new"
+    if after != data(5):
+        put(live, after)
+    assert env.ev() == outcome
+    vs = env.versions()
+    shrunk = env.log.named("session.shrunk")
+    if kept is None:
+        assert vs == [] and shrunk == []
+        return
+    reason, cls = kept
+    assert [(v.count, v.reason, v.source) for v in vs] == [(5, reason, "daemon")]
+    assert [(s["reason"], s["class"], s["before"]) for s in shrunk] == [(reason, cls, 5)]
+    assert env.log.levels("session.shrunk") == ["info" if reason == "intended" else "warning"]
+    assert env.store.read_pin(SID)[0] == after  # the pin moved on after the version was kept
+    assert env.ev() == "unchanged"
+
+
+def test_deleted_then_gone(env: Env) -> None:
+    put(env.sdir / f"{SID}.json", data(5))
+    env.ev()
+    (env.sdir / f"{SID}.json").unlink()
+    assert env.ev() == "deleted"
+    assert [(v.count, v.reason) for v in env.versions()] == [(5, "deleted")]
+    assert env.store.pins.stat(SID) is None and SID not in env.ws.files
+    assert env.ev() == "gone" and len(env.versions()) == 1
+
+
+def test_names_that_are_not_sessions_are_ignored_or_explained(env: Env) -> None:
+    for name in ("_index.json", "notes.txt", f".{SID}.json", f"{SID}.tmp.1.2"):
+        (env.sdir / name).write_bytes(data(1))
+        assert env.ev(name) == "ignored"
+    bad = os.fsdecode(b"caf\xe9.json")
+    with open(os.fsencode(env.sdir) + b"/caf\xe9.json", "wb") as f:
+        f.write(data(1))
+    assert env.ev(bad) == "skipped"
+    assert "not valid UTF-8" in env.log.named("file.skipped")[0]["why"]
+    assert env.tracker.evaluate("/elsewhere/x.json") == "ignored"
+    assert env.store.sessions() == set()
+
+
+@pytest.mark.parametrize("sid", ["x" * 250, "a%2F..%2Fb", "50%off", "é" * 125])
+def test_awkward_but_valid_names_are_guarded_like_any_other(env: Env, sid: str) -> None:
+    """255-byte file names (the tmp and pin names must still fit) and %-escapes in a flat watch."""
+    live = env.sdir / f"{sid}.json"
+    put(live, data(5, sid))
+    assert env.ev(live.name) == "new"
+    put(live, data(0, sid))
+    assert env.ev(live.name) == "shrunk"
+    assert [(v.count, v.reason) for v in env.versions(sid)] == [(5, "shrink")]
+    assert env.ws.matcher.parts_for(sid) == (live.name,)  # nameable by its id, over the socket too
+    assert not [n for n in os.listdir(env.sdir) if n != live.name and not n.startswith(".sessionguard")]
+
+
+def test_over_the_size_cap_the_last_version_is_kept_and_the_file_never_read(sdir: Path) -> None:
+    e = Env(sdir, max_file_bytes=len(data(5)) + 10)
+    try:
+        put(sdir / f"{SID}.json", data(5))
+        assert e.ev() == "new"
+        put(sdir / f"{SID}.json", data(40))
+        assert e.ev() == "skipped" and e.ev() == "skipped"
+        assert [(v.count, v.reason) for v in e.versions()] == [(5, "unparseable")]
+        assert len(e.log.named("file.skipped")) == 1 and "size cap" in e.log.named("file.skipped")[0]["why"]
+        assert len(e.log.named("session.shrunk")) == 1  # kept once, not re-reported on every pass
+        assert not e.store_holds(b"message 39:")
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_symlink_or_fifo_swapped_in_keeps_the_last_version_and_is_skipped_once(env: Env, tmp_path: Path,
+                                                                                   kind: str) -> None:
+    live = env.sdir / f"{SID}.json"
+    put(live, data(5))
+    env.ev()
+    swap = env.sdir / ".swap"
+    if kind == "symlink":
+        (tmp_path / "secret.json").write_bytes(SECRET)
+        swap.symlink_to(tmp_path / "secret.json")
+    else:
+        os.mkfifo(swap)  # a blocking open would hang the worker: it must never be opened for reading
+    os.replace(swap, live)
+    assert env.ev() == "skipped" and env.ev() == "skipped"
+    assert [(v.count, v.reason) for v in env.versions()] == [(5, "unparseable")]
+    skipped = env.log.named("file.skipped")
+    assert len(skipped) == 1 and ("symlink" if kind == "symlink" else "FIFO") in skipped[0]["why"]
+    assert len(env.log.named("session.shrunk")) == 1
+    assert env.store.pins.stat(SID) is None and not env.store_holds(b"never-to-be-copied")
+    put(live, data(1))  # a regular file again: a new start
+    assert env.ev() == "new"
+
+
+@needs_root
+def test_a_hard_link_to_another_users_file_is_never_read(sdir: Path, tmp_path: Path) -> None:
+    os.chown(sdir, 4242, 4242)  # the server's user owns the directory; the daemon is root
+    etc = tmp_path / "etc"
+    etc.mkdir(mode=0o700)
+    (etc / "shadow").write_bytes(SECRET)
+    os.chmod(etc / "shadow", 0o600)
+    e = Env(sdir)
+    try:
+        os.link(etc / "shadow", sdir / "stolen.json")
+        assert e.ev("stolen.json") == "skipped"
+        assert "hard link to a file owned by uid 0" in e.log.named("file.skipped")[0]["why"]
+        assert not e.store_holds(b"never-to-be-copied") and e.store.sessions() == set()
+        assert passes.scan(e.tracker, e.ws).get("skipped") == 1 and not e.store_holds(b"never-to-be-copied")
+    finally:
+        e.close()
+
+
+def test_a_session_locked_by_another_process_is_deferred_then_retried(env: Env) -> None:
+    live = env.sdir / f"{SID}.json"
+    put(live, data(5))
+    env.ev()
+    put(live, data(1))
+    put(env.sdir / "free.json", data(3, "free"))
+    with HeldElsewhere(env.store.where, SID) as holder:
+        assert env.ev() == "deferred" and SID in env.ws.deferred
+        assert env.ev("free.json") == "new"  # other sessions go on
+        passes.retry_deferred(env.tracker, env.ws, degraded_after=3600)
+        assert f"lock:{env.ws.root}" not in env.stats.snapshot().degraded
+        passes.retry_deferred(env.tracker, env.ws, degraded_after=0)
+        why = env.stats.snapshot().degraded[f"lock:{env.ws.root}"]
+        assert SID in why and "locked by another process" in why and env.versions() == []
+        holder.release()
+    passes.retry_deferred(env.tracker, env.ws, degraded_after=0)
+    assert env.ws.deferred == {} and f"lock:{env.ws.root}" not in env.stats.snapshot().degraded
+    assert [(v.count, v.reason) for v in env.versions()] == [(5, "shrink")]
+    assert env.log.named("degraded.cleared") == [{"component": f"lock:{env.ws.root}"}]
+
+
+# -- whole-directory passes ------------------------------------------------------------------
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of every file read through fsutil.read_fd (live files and pins alike)."""
+    names: list[str] = []
+    real = fsutil.read_fd
+
+    def reading(fd: int, st: os.stat_result, max_bytes: int, name: str = "") -> bytes:
+        names.append(name)
+        return real(fd, st, max_bytes, name)
+
+    monkeypatch.setattr(fsutil, "read_fd", reading)
+    return names
+
+
+def test_a_restart_with_the_cache_reads_only_what_changed(sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sids = [f"s{i:011d}" for i in range(6)]
+    for i, sid in enumerate(sids):
+        put(sdir / f"{sid}.json", data(i + 1, sid))
+    first = Env(sdir)
+    assert passes.scan(first.tracker, first.ws)["new"] == 6
+    first.store.pins.save_cache(passes.cache_entries(first.ws))  # a clean stop
+    first.close()
+    put(sdir / f"{sids[0]}.json", data(9, sids[0]))  # written while the daemon was down
+    (sdir / f"{sids[1]}.json").unlink()  # deleted while the daemon was down
+    second = Env(sdir)
+    try:
+        cache = second.store.pins.load_cache()
+        assert len(cache) == 6
+        reads = count_reads(monkeypatch)
+        result = passes.scan(second.tracker, second.ws, cache)
+        assert (result["unchanged"], result["grew"], result["deleted"], result["files"]) == (4, 1, 1, 5)
+        assert not set(reads) & ({f"{s}.json" for s in sids[2:]} | set(sids[2:]))  # adopted unread
+        assert f"{sids[0]}.json" in reads
+        assert [(v.count, v.reason) for v in second.versions(sids[1])] == [(2, "deleted")]
+        assert {s: (t.count, t.key) for s, t in second.ws.files.items() if s in sids[2:]} == \
+            {s: (cache[s][1], cache[s][0]) for s in sids[2:]}
+        reads.clear()
+        assert passes.scan(second.tracker, second.ws)["unchanged"] == 5 and reads == []
+    finally:
+        second.close()
+
+
+def test_a_scan_without_cache_finds_orphan_pins(env: Env) -> None:
+    env.store.pins.write("orphan000001", data(4, "orphan000001"))  # a library pin whose file went away
+    put(env.sdir / f"{SID}.json", data(2))
+    result = passes.scan(env.tracker, env.ws, find_orphans=True)
+    assert (result["new"], result["deleted"]) == (1, 1)
+    assert [(v.count, v.reason) for v in env.versions("orphan000001")] == [(4, "deleted")]
+    assert env.store.pins.stat("orphan000001") is None and passes.orphans(env.tracker, env.ws) == {}
+
+
+def test_a_scan_keeps_a_pin_that_unseen_writes_overtook(env: Env) -> None:
+    put(env.sdir / f"{SID}.json", data(5))
+    passes.scan(env.tracker, env.ws)
+    doc = make_session(7)
+    del doc["messages"][1]  # one message dropped, more added after: no event showed the shrink
+    put(env.sdir / f"{SID}.json", orjson.dumps(doc))
+    assert passes.scan(env.tracker, env.ws)["grew"] == 1
+    assert [(v.count, v.reason) for v in env.versions()] == [(5, "replaced")]
+
+
+def test_reconcile_leaves_files_being_written_alone(env: Env) -> None:
+    live = env.sdir / f"{SID}.json"
+    put(live, data(5))
+    passes.scan(env.tracker, env.ws)
+    put(live, data(1))
+    ahead = time.time() + 60  # "just written", with a margin no slow machine can eat up
+    os.utime(live, (ahead, ahead))
+    evaluations = env.stats.snapshot().evaluations
+    assert passes.reconcile(env.tracker, env.ws)["changed"] == 0
+    assert env.stats.snapshot().evaluations == evaluations and env.versions() == []
+    settled = time.time() - 10
+    os.utime(live, (settled, settled))
+    put(env.sdir / "late.json", data(2, "late"))  # missed by the event stream, written long ago
+    os.utime(env.sdir / "late.json", (settled, settled))
+    assert passes.reconcile(env.tracker, env.ws)["changed"] == 2
+    assert [(v.count, v.reason) for v in env.versions()] == [(5, "shrink")] and "late" in env.ws.files
+    assert env.stats.snapshot().reconciliations == 2
+
+
+def test_a_swapped_sub_directory_is_never_read_through(sdir: Path, tmp_path: Path) -> None:
+    (sdir / "sub").mkdir()
+    put(sdir / "sub" / "x.json", data(5, "x"))
+    elsewhere = tmp_path / "root-only"
+    elsewhere.mkdir(mode=0o700)
+    (elsewhere / "x.json").write_bytes(SECRET)
+    e = Env(sdir, recursive=True)
+    try:
+        assert passes.scan(e.tracker, e.ws)["new"] == 1 and "sub%2Fx" in e.ws.files
+        os.rename(sdir / "sub", sdir / "was-sub")
+        os.rename(sdir / "was-sub" / "x.json", sdir / "was-sub" / "x.json.old")
+        (sdir / "sub").symlink_to(elsewhere)
+        assert e.ev("sub/x.json") == "skipped"
+        assert [(v.count, v.reason) for v in e.versions("sub%2Fx")] == [(5, "unparseable")]
+        for _ in range(2):
+            passes.scan(e.tracker, e.ws, find_orphans=True)
+            passes.reconcile(e.tracker, e.ws)
+        assert not e.store_holds(b"never-to-be-copied") and "sub%2Fx" not in e.ws.files
+        assert e.store.pins.stat("sub%2Fx") is None
+    finally:
+        e.close()
+
+
+@needs_root
+def test_a_sub_directory_of_another_owner_is_not_entered(sdir: Path) -> None:
+    (sdir / "sub").mkdir()
+    put(sdir / "sub" / "x.json", SECRET)
+    os.chown(sdir / "sub", 4242, 4242)
+    e = Env(sdir, recursive=True)
+    try:
+        assert e.ev("sub/x.json") == "skipped"
+        assert "owned by uid 4242" in e.log.named("file.skipped")[0]["why"]
+        passes.scan(e.tracker, e.ws)
+        assert not e.store_holds(b"never-to-be-copied") and e.ws.files == {}
+    finally:
+        e.close()
+
+
+@needs_root
+def test_a_sub_directory_on_another_filesystem_is_not_entered(sdir: Path, tmpfs: Callable[..., Path]) -> None:
+    mnt = tmpfs("1m", "sessions/mnt")  # e.g. someone else's mount inside the watched tree
+    put(mnt / "x.json", SECRET)
+    e = Env(sdir, recursive=True)
+    try:
+        assert e.ev("mnt/x.json") == "skipped"
+        assert "another filesystem" in e.log.named("file.skipped")[0]["why"]
+        passes.scan(e.tracker, e.ws)
+        assert not e.store_holds(b"never-to-be-copied") and e.ws.files == {}
+    finally:
+        e.close()
+
+
+def test_a_pin_the_library_moved_is_the_one_compared(env: Env) -> None:
+    from sessionguard import Guard
+
+    put(env.sdir / f"{SID}.json", data(2))
+    assert env.ev() == "new"
+    guard = Guard(env.sdir)  # the server embeds the library on the same directory and store
+    try:
+        guard.save(SID, make_session(10))
+        put(env.sdir / f"{SID}.json", data(5))  # another writer, without the library; one event for both writes
+        env.ev()
+        assert 10 in [v.count for v in env.versions()]
+    finally:
+        guard.close()
