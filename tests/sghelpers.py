@@ -92,8 +92,9 @@ def pin_count(sdir: str | os.PathLike[str], sid: str, *, store: str | os.PathLik
     except FileNotFoundError:
         return None
     from sessionguard.count import CountSpec, parse
+    from sessionguard.pins import plain
 
-    count = parse(data, CountSpec.parse("messages")).count
+    count = parse(plain(data, 1 << 30), CountSpec.parse("messages")).count
     return -1 if count is None else count
 
 

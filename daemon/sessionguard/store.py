@@ -30,6 +30,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from . import fsutil, migrate, storedir
+from . import pins as pins_mod
 from .count import CountSpec, Parsed, parse
 from .errors import StoreError
 from .fsutil import Owner
@@ -164,12 +165,13 @@ class Store:
             return None
         fd, st = opened
         try:
-            data = fsutil.read_fd(fd, st, self.max_bytes, sid)
+            raw = fsutil.read_fd(fd, st, self.max_bytes, sid)
+            data = pins_mod.plain(raw, self.max_bytes)
             old = parse(data, spec)
             lost, reason, cls = self._judge(old, new, cause, intent_keys)
             if not lost:
                 return None
-            link = None if st.st_nlink > 1 else (self.pins.fd, sid, fd)
+            link = None if st.st_nlink > 1 or data is not raw else (self.pins.fd, sid, fd)
             version, fresh = self.versions.keep(sid, data, count=old.count, reason=reason, source=source,
                                                 method=method, link_from=link)
         finally:
@@ -223,7 +225,7 @@ class Store:
             return None
         fd, st = opened
         try:
-            return fsutil.read_fd(fd, st, self.max_bytes, sid), st
+            return pins_mod.plain(fsutil.read_fd(fd, st, self.max_bytes, sid), self.max_bytes), st
         finally:
             os.close(fd)
 
