@@ -274,6 +274,12 @@ def test_forget_before_keeps_the_newer_versions_and_the_pin(sdir: Path, daemons:
     (row,) = sgctl_json(proc.socket, "recover", "--dry-run")["sessions"]
     assert (row["sid"], row["after"], row["outcome"]) == (KEPT, 10, "would restore")
 
+    live = (d / f"{KEPT}.json").read_bytes()
+    gone = sgctl_json(proc.socket, "forget", KEPT)
+    assert (gone["removed"], gone["pin_removed"]) == (2, True)
+    assert store_versions(store, KEPT) == [] and pin_count(d, KEPT) is None
+    assert (d / f"{KEPT}.json").read_bytes() == live, "forget never touches the live file"
+
 
 # -- 6. the store's README.txt, run by hand on a store the daemon made ------------------------------------
 

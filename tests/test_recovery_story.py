@@ -95,6 +95,9 @@ def test_undo_then_wipe_restore_recover_and_startup_recovery_all_bring_back_the_
     assert [(v["reason"], v["count"]) for v in hist["versions"]] == [("intended", 1000), ("shrink", 998)]
     pick, most = hist["versions"][1], hist["versions"][0]
     assert (hist["restore"], hist["most"]) == (pick["id"], most["id"])
+    human = sgctl(sock, "history", a).stdout.splitlines()
+    assert human[1].split()[:4] == ["M", most["id"], "just", "now"] and " 1000 " in human[1], human
+    assert human[2].split()[:2] == ["R", pick["id"]] and " 998 " in human[2], human
     shown = sgctl_json(sock, "show", a)
     diff = sgctl_json(sock, "diff", a)
     assert (shown["id"], shown["count"]) == (pick["id"], 998)
@@ -286,6 +289,7 @@ def caching_server_story(d: Path, daemons: StartDaemon, srv: ChatServer) -> None
     assert count(d, CACHED) == 0
     rec = sgctl(sock, "recover", "--since", "2h")
     assert rec.returncode == 5 and "0 → 1000" in rec.stdout and "restored, restore undone!" in rec.stdout
+    assert rec.stdout.startswith("note: the session file was written "), rec.stdout
     assert (d / f"{CACHED}.json").read_bytes() == original, "the restored file still has the stale stream"
     srv.start()
     assert len(srv.get(f"/sessions/{CACHED}")["messages"]) == 1000
@@ -295,6 +299,12 @@ def caching_server_story(d: Path, daemons: StartDaemon, srv: ChatServer) -> None
     proc.sync()
     assert sgctl(sock, "list", "--shrunk").stdout.strip() == "no sessions whose latest change is a loss"
     assert len(srv.get(f"/sessions/{CACHED}")["messages"]) == 1000
+
+    # The flag stands until the conversation grows past the restored count.
+    assert srv.post(f"/sessions/{CACHED}/messages", {"role": "user", "content": "I'm back"})["message_count"] == 1001
+    proc.sync()
+    assert sgctl_json(sock, "status")["overwritten_restores"] == []
+    assert "restore undone" not in sgctl(sock, "list").stdout
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -327,19 +337,21 @@ def undone_flag_story(d: Path, proc: DaemonProc, srv: ChatServer, original: byte
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "incident._row puts the live count (None) as 'before' for a missing file and for an unparseable one "
-    "alike, and ctl_views.view_recover prints count(None) as 'unparseable': a deleted session reads "
-    "'unparseable → 25'"))
-def test_recover_rows_tell_a_deleted_session_from_an_unparseable_one(sdir: Path, daemons: StartDaemon) -> None:
+    "incident._row gives 'before' None for a missing live file and for an unparseable one alike, and "
+    "'after' None for a row with no version; ctl_views.view_recover prints every None as 'unparseable' "
+    "(ctl_format.count): a deleted session reads 'unparseable → 25', one left alone '5 → unparseable'"))
+def test_recover_rows_say_unparseable_only_for_unparseable_files(sdir: Path, daemons: StartDaemon) -> None:
     d = sdir
-    seed_write(d, make_session(DELETED, 25))
-    seed_write(d, make_session(IN_PLACE, 30))
+    for sid, n in ((DELETED, 25), (IN_PLACE, 30), (INTENDED, 20)):
+        seed_write(d, make_session(sid, n, intentional_shrink_generation="isg-0"))
     proc = watching(daemons, d)
     os.unlink(d / f"{DELETED}.json")
     (d / f"{IN_PLACE}.json").write_bytes(b'{"session_id": "torn", "messages": [')
+    seed_write(d, make_session(INTENDED, 5, intentional_shrink_generation="isg-1"))
     proc.sync()
     p = sgctl(proc.socket, "recover", "--dry-run")
     assert p.returncode == 0, p.stderr
-    lines = {line.split()[0]: line for line in p.stdout.splitlines() if line[:12] in (DELETED, IN_PLACE)}
-    assert "unparseable → 30" in lines[IN_PLACE]
+    lines = {line.split()[0]: line for line in p.stdout.splitlines() if line[:12] in (DELETED, IN_PLACE, INTENDED)}
+    assert "unparseable → 30" in lines[IN_PLACE] and "would restore" in lines[IN_PLACE]
+    assert "left alone" in lines[INTENDED] and "unparseable" not in lines[INTENDED], lines[INTENDED]
     assert "→ 25" in lines[DELETED] and "unparseable" not in lines[DELETED], lines[DELETED]
