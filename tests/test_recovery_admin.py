@@ -121,10 +121,6 @@ def test_list_shows_deleted_sessions_losses_only_with_shrunk_and_versions_as_on_
     assert rows(proc.socket) == listed, "the same after a restart"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "guard.pick_version calls a VERSION ambiguous when several versions share its content id, and a "
-    "repeated loss of once-kept bytes is kept under a new name with the same id (versions.keep): after the "
-    "same wipe twice, the id history shows and the undo command restore printed are refused"))
 def test_after_the_same_wipe_twice_the_printed_undo_and_the_ids_history_shows_still_work(
         sdir: Path, daemons: StartDaemon) -> None:
     d = sdir
@@ -147,10 +143,6 @@ def test_after_the_same_wipe_twice_the_printed_undo_and_the_ids_history_shows_st
     assert count(d, AGAIN) == 30
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service.Service._row takes a session's state from its newest version's reason alone: a session "
-    "wiped and then grown past its old count is still 'shrunk' and listed by --shrunk, while recover "
-    "(recovery.plan) leaves it alone as grown past the damage"))
 def test_list_shrunk_leaves_out_a_session_grown_past_its_damage(sdir: Path, daemons: StartDaemon) -> None:
     d = sdir
     wipe(d, GROWN, 20)

@@ -307,11 +307,6 @@ def caching_server_story(d: Path, daemons: StartDaemon, srv: ChatServer) -> None
     assert "restore undone" not in sgctl(sock, "list").stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the 'restore undone' flag outlives the restore that fixed it: Stats.overwritten is cleared only when "
-    "the session grows past the restored count (tracker._pin), never by a later restore "
-    "(service.Service.restore, incident._recover_one), so status/list keep saying 'restore undone!' "
-    "after the README procedure succeeded"))
 def test_the_undone_flag_clears_once_the_readme_procedure_has_restored_the_session(
         sdir: Path, daemons: StartDaemon) -> None:
     srv = ChatServer(sdir)
@@ -336,10 +331,6 @@ def undone_flag_story(d: Path, proc: DaemonProc, srv: ChatServer, original: byte
     assert row["overwritten"] is None and "restore undone" not in sgctl(proc.socket, "list").stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "incident._row gives 'before' None for a missing live file and for an unparseable one alike, and "
-    "'after' None for a row with no version; ctl_views.view_recover prints every None as 'unparseable' "
-    "(ctl_format.count): a deleted session reads 'unparseable → 25', one left alone '5 → unparseable'"))
 def test_recover_rows_say_unparseable_only_for_unparseable_files(sdir: Path, daemons: StartDaemon) -> None:
     d = sdir
     for sid, n in ((DELETED, 25), (IN_PLACE, 30), (INTENDED, 20)):
