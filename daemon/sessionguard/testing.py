@@ -294,7 +294,8 @@ def no_unintended_loss(directory: str | os.PathLike[str], **options: Any) -> Ite
 
 @dataclass(frozen=True)
 class Crash:
-    """A save killed at its rename: the child's pid and the names it left in the target's directory."""
+    """A save killed at its rename: the child's pid and the new files (not directories) it left in the
+    target's directory — its temporary file, typically."""
 
     pid: int
     left: list[str]
@@ -314,7 +315,7 @@ def kill_before_rename(save: Callable[[], object], target: str | os.PathLike[str
     """
     target = os.path.abspath(os.fspath(target))
     folder, name = os.path.split(target)
-    before = set(os.listdir(folder))
+    before = _files(folder)
     ready, report = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
@@ -332,7 +333,12 @@ def kill_before_rename(save: Callable[[], object], target: str | os.PathLike[str
         raise AssertionError(f"the save never reached the rename onto {target}: "
                              f"{what.decode(errors='replace') or 'no answer within the timeout'}")
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-    return Crash(pid, sorted(set(os.listdir(folder)) - before))
+    return Crash(pid, sorted(_files(folder) - before))
+
+
+def _files(folder: str) -> set[str]:
+    with os.scandir(folder) as entries:
+        return {e.name for e in entries if not e.is_dir(follow_symlinks=False)}
 
 
 def _wait_for(fd: int, timeout: float) -> bytes:
