@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -199,4 +200,6 @@ def test_the_seeds_own_save_killed_before_its_rename(sdir: Path) -> None:
         kill_before_rename(lambda: int("no"), path)
     with pytest.raises(AssertionError, match=r"never reached the rename .*: the save returned"):
         kill_before_rename(lambda: (sdir / "other.json").write_text("{}"), path)
+    with pytest.raises(AssertionError, match=r"never reached the rename .*: no answer within the timeout"):
+        kill_before_rename(signal.pause, path, timeout=1)  # a save that hangs: the bound, then SIGKILL
     assert path.read_bytes() == before

@@ -1,18 +1,17 @@
 """Helpers for a server's own test suite: "no save lost messages", and a crash in the middle of a save.
 
 A server that embeds the guard (or runs next to the daemon) wants its tests to
-fail when one of its code paths loses messages — the way the seed's
-metadata-only save did for months — and to exercise its start-up recovery
-after a crash, without mocking anything. structlog ships
-``structlog.testing`` for the same reason.
+fail when a code path loses messages — as the seed's metadata-only save did
+for months — and to exercise its start-up recovery after a crash, without
+mocking anything (``structlog.testing`` exists for the same reason).
 
 * :func:`no_unintended_loss` — a context manager (and, with
   ``pytest_plugins = ["sessionguard.testing"]`` in the root ``conftest.py``,
   a pytest fixture of the same name) that raises ``AssertionError`` naming
   the session when a write inside it lost messages without intent.
 * :func:`kill_before_rename` / :func:`crash_guard_save` — run a save in a
-  child process and ``SIGKILL`` it after its temporary file is written and
-  synced, before the rename: what a power cut or the OOM killer leaves.
+  child and ``SIGKILL`` it after its temporary file is written, before the
+  rename: what a power cut or the OOM killer leaves.
 
 **What** :func:`no_unintended_loss` **sees.** It reads the session directory
 and the store from disk when the block starts and when it ends, so writers in
@@ -46,7 +45,6 @@ import signal
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -91,6 +89,9 @@ class LossWatch:
     *store* defaults to ``<directory>/.sessionguard``; *count*, *suffix* and
     *intent_keys* must be what the server's guard uses. With *allow_delete*
     (the default) a deleted session is not a loss: a delete is not a save.
+    Every session file is read at the start and at each check (files over
+    *max_bytes*, symlinks and other non-regular files are skipped, as the
+    guard skips them): it is meant for test directories, not production ones.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, store: str | os.PathLike[str] | None = None,
@@ -220,57 +221,50 @@ class LossWatch:
 
     @staticmethod
     def _pins(store: int) -> dict[str, _Ident]:
-        try:
-            fd = fsutil.open_dir("pins", at=store)
-        except FileNotFoundError:
-            return {}
-        try:
-            out = {}
-            for name in os.listdir(fd):
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # moved meanwhile
-                if stat.S_ISREG(st.st_mode):
-                    out[name] = _ident(st)
-            return out
-        finally:
-            os.close(fd)
+        out: dict[str, _Ident] = {}
+        with _opened("pins", store) as pins:
+            for name in os.listdir(pins) if pins is not None else ():
+                with contextlib.suppress(FileNotFoundError):  # moved meanwhile
+                    st = os.stat(name, dir_fd=pins, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        out[name] = _ident(st)
+        return out
 
     @staticmethod
     def _versions(store: int) -> frozenset[tuple[str, str]]:
-        try:
-            sessions = fsutil.open_dir("sessions", at=store)
-        except FileNotFoundError:
-            return frozenset()
-        try:
-            out: set[tuple[str, str]] = set()
+        out: set[tuple[str, str]] = set()
+        with _opened("sessions", store) as sessions:
+            if sessions is None:
+                return frozenset()
             for sid in os.listdir(sessions):
-                try:
-                    folder = fsutil.open_dir(sid, at=sessions)
-                except OSError:
-                    continue  # not a directory (or a symlink): not a session's versions
-                try:
-                    out.update((sid, name) for name in os.listdir(folder) if name.endswith(".version"))
-                finally:
-                    os.close(folder)
-            return frozenset(out)
-        finally:
-            os.close(sessions)
+                with _opened(sid, sessions) as folder:
+                    if folder is not None:
+                        out.update((sid, name) for name in os.listdir(folder) if name.endswith(".version"))
+        return frozenset(out)
 
     def _read_pin(self, sid: str) -> Parsed | None:
         store = fsutil.open_root(self.store)
         try:
-            pins = fsutil.open_dir("pins", at=store)
+            with _opened("pins", store) as pins, contextlib.suppress(OSError):
+                if pins is not None:
+                    return parse(fsutil.read_regular(sid, self.max_bytes, dir_fd=pins)[0], self.spec)
         finally:
             os.close(store)
-        try:
-            data, _ = fsutil.read_regular(sid, self.max_bytes, dir_fd=pins)
-        except OSError:
-            return None
-        finally:
-            os.close(pins)
-        return parse(data, self.spec)
+        return None
+
+
+@contextlib.contextmanager
+def _opened(name: str, at: int) -> Iterator[int | None]:
+    """The directory *name* in the directory *at* (never through a symlink), or None if there is none."""
+    try:
+        fd = fsutil.open_dir(name, at=at)
+    except OSError:  # missing, a symlink, not a directory
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _ident(st: os.stat_result) -> _Ident:
@@ -304,13 +298,15 @@ class Crash:
 def kill_before_rename(save: Callable[[], object], target: str | os.PathLike[str], *,
                        timeout: float = 30.0) -> Crash:
     """Run *save* in a forked child and ``SIGKILL`` it when it is about to rename (or link) a file
-    onto *target*: its temporary file is written and synced, the rename never happens.
+    onto *target*: its temporary file is written (and synced, if *save* syncs), the rename never happens.
 
     That is the window an atomic save exists for; a server's tests use this to
     check that start-up recovery copes with what is left (the old file intact,
     a stray temporary file). The child is a fork: *save* sees a copy of this
     process, but shares its open descriptors and their locks — let *save* open
-    what it writes with (``Guard(...)`` inside it, not one made here). Raises
+    what it writes with (``Guard(...)`` inside it, not one made here). The
+    child's ``os.rename``, ``os.replace`` and ``os.link`` are where it stops (a
+    rename made through the C library directly is not seen). Raises
     ``AssertionError`` if *save* returns, raises or hangs before the rename.
     """
     target = os.path.abspath(os.fspath(target))
@@ -323,27 +319,22 @@ def kill_before_rename(save: Callable[[], object], target: str | os.PathLike[str
         _child(save, folder, name, report)
     os.close(report)
     try:
-        what = _wait_for(ready, timeout)
+        readable, _, _ = select.select([ready], [], [], timeout)
+        what = os.read(ready, 4096) if readable else b""
     finally:
         os.close(ready)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+        os.waitpid(pid, 0)
     if what != b"R":
         raise AssertionError(f"the save never reached the rename onto {target}: "
                              f"{what.decode(errors='replace') or 'no answer within the timeout'}")
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
     return Crash(pid, sorted(_files(folder) - before))
 
 
 def _files(folder: str) -> set[str]:
     with os.scandir(folder) as entries:
         return {e.name for e in entries if not e.is_dir(follow_symlinks=False)}
-
-
-def _wait_for(fd: int, timeout: float) -> bytes:
-    readable, _, _ = select.select([fd], [], [], timeout)
-    return os.read(fd, 4096) if readable else b""
 
 
 def _child(save: Callable[[], object], folder: str, name: str, report: int) -> None:
@@ -387,16 +378,21 @@ def crash_guard_save(directory: str | os.PathLike[str], sid: str, data: bytes, *
     The live file stays as it was and the guard's temporary file (named with
     the dead child's pid) is left in *directory*; the next
     ``recover_on_startup`` removes it. A shrinking save has already kept the
-    prior version when it dies.
+    prior version when it dies. The store is opened (made, if missing) here
+    first, as a server's start would, to learn the session's file name.
     """
     from .guard import Guard
 
-    suffix = guard_options.get("suffix") or ".json"
+    probe = Guard(directory, **guard_options)
+    try:
+        target = probe.path(sid)
+    finally:
+        probe.close()
 
     def save() -> None:
         Guard(directory, **guard_options).save_bytes(sid, data, count=count)
 
-    return kill_before_rename(save, Path(directory) / f"{sid}{suffix}")
+    return kill_before_rename(save, target)
 
 
 # -- pytest ------------------------------------------------------------------------------------
