@@ -132,6 +132,15 @@ def store_versions(store: str | os.PathLike[str], sid: str) -> list[OnDisk]:
     return out
 
 
+def maintenance_passes(d) -> int:
+    """How many passes the daemon's maintenance loop has made (a positive marker that its
+    checks and retries ran, instead of sleeping through a window where "nothing happens")."""
+    for line in d.call("metrics")["text"].splitlines():
+        if line.startswith("sessionguard_maintenance_passes_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no sessionguard_maintenance_passes_total in the metrics")
+
+
 def reconciliations(d) -> int:
     """How many reconciliation passes the daemon *d* has completed (from its metrics):
     a positive marker that a pass ran, instead of waiting for "nothing happens"."""

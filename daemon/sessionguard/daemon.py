@@ -232,6 +232,7 @@ class Daemon:
                 self.log.exception("maintenance.error", error=str(exc))
 
     def _tick(self, orphans: bool) -> None:
+        self.stats.bump("maintenance_passes")
         available = [ws for ws in self.tracker.watches if ws.available]
         if self._rescan.is_set():
             self._rescan.clear()
