@@ -222,8 +222,6 @@ def test_every_event_reaches_the_stdlib_logger_and_on_event_with_its_fields(
         assert event.fields["version"] in versions
 
 
-@pytest.mark.xfail(strict=True, reason="save.refused has no `reason` and no `version`; session.recovered has no "
-                   "`after` and no `reason` (it says `count`): the five fields are not on every event")
 def test_every_event_carries_sid_before_after_reason_and_version(sdir: Path, collected: Collect) -> None:
     """What a server's log pipeline can rely on: the same five ``extra`` fields on every event
     (``None`` where one does not apply), so one query finds every loss, refusal and recovery."""
@@ -232,3 +230,24 @@ def test_every_event_carries_sid_before_after_reason_and_version(sdir: Path, col
     missing = {r.sg_event: [k for k in ("sid", "before", "after", "reason", "version")  # type: ignore[attr-defined]
                             if not hasattr(r, k)] for r in records}
     assert missing == {name: [] for name in ("session.shrunk", "save.refused", "session.recovered")}
+
+
+def test_from_config_takes_the_watch_of_the_daemons_config(tmp_path: Path) -> None:
+    """One source of truth: count, pattern, excludes, intent keys and retention come from the
+    daemon's [[watch]] for the directory (a Path is fine for both arguments)."""
+    from sessionguard import Guard
+
+    sdir = tmp_path / "sessions"
+    sdir.mkdir()
+    cfg = tmp_path / "sessionguard.toml"
+    cfg.write_text(f'[[watch]]\npath = "{sdir}"\npattern = "*.session"\nexclude = ["draft-*"]\n'
+                   'intent_keys = ["wiped_on_purpose"]\nkeep_last = 3\n')
+    g = Guard.from_config(sdir, cfg)
+    assert (g.suffix, g.intent_keys, g.store.retention.keep_last) == (".session", ("wiped_on_purpose",), 3)
+    g.save("a", {"messages": [1, 2, 3], "wiped_on_purpose": 1})
+    assert (sdir / "a.session").exists()
+    assert g.save("a", {"messages": [], "wiped_on_purpose": 2}).reason == "intended"
+    (sdir / "draft-x.session").write_bytes(b'{"messages": []}')
+    assert "draft-x" not in {r.sid for r in g.recover_on_startup().left_alone}, "excluded like the daemon does"
+    with pytest.raises(Exception, match="no \\[\\[watch\\]\\]"):
+        Guard.from_config(tmp_path / "elsewhere", cfg)
