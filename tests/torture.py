@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from daemonproc import DaemonProc
+from daemonproc import DaemonProc  # noqa: E402 - run as a script too: its own directory first
 
 STYLES = ("atomic", "inplace", "link", "library")
 #: The issue's figure: a version on disk this long while the daemon runs must be kept.

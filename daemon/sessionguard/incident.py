@@ -14,24 +14,34 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from . import fsutil
-from .count import Diff, decoded_messages, parse
+from .count import Diff, Parsed, decoded_messages, parse
 from .errors import NotFound
 from .naming import Version
 from .protocol import Caller
 from .recovery import plan
 from .restore import LiveFile, restore
 from .rules import latest_change
+from .stats import Stats
+from .tracker import Tracker
 from .versions import content_hash
 from .watchstate import RestoreMark, WatchState
 
-if TYPE_CHECKING:
-    from .service import Service
+
+@dataclass(frozen=True)
+class Context:
+    """What recovery needs of the daemon: its decisions, counters, log and the restore hint's bound."""
+
+    tracker: Tracker
+    stats: Stats
+    log: Any
+    restore_recent_seconds: float
 
 RUNS = "recoveries"
 
@@ -83,7 +93,7 @@ def diff_live(ws: WatchState, v: Version, data: bytes, *,
     return out
 
 
-def recover(svc: Service, watches: list[WatchState], *, since: float | None, dry_run: bool, undo: str | None,
+def recover(svc: Context, watches: list[WatchState], *, since: float | None, dry_run: bool, undo: str | None,
             caller: Caller) -> dict[str, Any]:
     """Put back every session damaged since *since*; or, with *undo*, undo a run."""
     if undo is not None:
@@ -110,7 +120,7 @@ def recover(svc: Service, watches: list[WatchState], *, since: float | None, dry
             "hint": hints[0] if hints else None}
 
 
-def _recover_one(svc: Service, ws: WatchState, sid: str, *, since: float | None, dry_run: bool,
+def _recover_one(svc: Context, ws: WatchState, sid: str, *, since: float | None, dry_run: bool,
                  rows: list[dict[str, Any]], hints: list[str]) -> dict[str, Any] | None:
     assert ws.store is not None
     versions = ws.store.versions.of(sid)
@@ -134,11 +144,13 @@ def _recover_one(svc: Service, ws: WatchState, sid: str, *, since: float | None,
             return None
         before = parsed.count if parsed is not None else None
         if decision.action == "leave":
-            rows.append(_row(ws, sid, before, decision.target, "left alone", why=decision.why))
+            rows.append(_row(ws, sid, before, decision.target, "left alone", why=decision.why,
+                             live=_live_state(parsed)))
             return None
         recreate = decision.action == "recreate"
         if dry_run:
-            rows.append(_row(ws, sid, before, decision.target, "would recreate" if recreate else "would restore"))
+            rows.append(_row(ws, sid, before, decision.target, "would recreate" if recreate else "would restore",
+                             live=_live_state(parsed)))
             return None
         hint = recent_hint(live, svc.restore_recent_seconds)
         if hint:
@@ -150,18 +162,27 @@ def _recover_one(svc: Service, ws: WatchState, sid: str, *, since: float | None,
         return None
     finally:
         os.close(live.dir_fd)
+    svc.stats.overwritten(None, (ws.root, sid))  # reported in this run's row; this restore is the news now
     ws.restored[sid] = RestoreMark(time.time(), decision.target.count, decision.target.id)
     svc.tracker.evaluate_at(ws, parts, sid, None)
     svc.stats.bump("restores")
-    rows.append(_row(ws, sid, before, decision.target, "recreated" if recreate else "restored"))
+    rows.append(_row(ws, sid, before, decision.target, "recreated" if recreate else "restored",
+                     live=_live_state(parsed)))
     return {"sid": sid, "restored": decision.target.id, "recreated": recreate,
             "pre_restore": result.pre_restore.id if result.pre_restore else None}
 
 
 def _row(ws: WatchState, sid: str, before: int | None, target: Version | None, outcome: str, *,
-         why: str | None = None) -> dict[str, Any]:
-    return {"sid": sid, "watch": ws.root, "before": before, "after": target.count if target else None,
-            "version": target.id if target else None, "outcome": outcome, "why": why}
+         why: str | None = None, live: str | None = None) -> dict[str, Any]:
+    """One session of a recover run. *live* says what the live file was: ``missing``,
+    ``unparseable`` or ``present`` (*before* is then its count); None when not looked at."""
+    return {"sid": sid, "watch": ws.root, "before": before, "live": live,
+            "after": target.count if target else None, "version": target.id if target else None,
+            "outcome": outcome, "why": why}
+
+
+def _live_state(parsed: Parsed | None) -> str:
+    return "missing" if parsed is None else "present" if parsed.ok else "unparseable"
 
 
 def _record(ws: WatchState, run: str, entries: list[dict[str, Any]]) -> None:
@@ -169,7 +190,7 @@ def _record(ws: WatchState, run: str, entries: list[dict[str, Any]]) -> None:
     ws.store.record(RUNS, f"{run}.json", orjson.dumps({"run": run, "sessions": entries}))
 
 
-def _undo(svc: Service, watches: list[WatchState], run: str, caller: Caller) -> dict[str, Any]:
+def _undo(svc: Context, watches: list[WatchState], run: str, caller: Caller) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     found = False
     for ws in watches:
@@ -188,7 +209,7 @@ def _undo(svc: Service, watches: list[WatchState], run: str, caller: Caller) -> 
     return {"run": run, "dry_run": False, "since": None, "sessions": rows, "hint": None}
 
 
-def _undo_one(svc: Service, ws: WatchState, entry: dict[str, Any]) -> dict[str, Any]:
+def _undo_one(svc: Context, ws: WatchState, entry: dict[str, Any]) -> dict[str, Any]:
     assert ws.store is not None
     sid = entry["sid"]
     versions = ws.store.versions.of(sid)
@@ -206,7 +227,26 @@ def _undo_one(svc: Service, ws: WatchState, entry: dict[str, Any]) -> dict[str, 
         os.close(live.dir_fd)
     ws.restored.pop(sid, None)
     svc.tracker.evaluate_at(ws, parts, sid, None)
-    return _row(ws, sid, result.live_count, target, "removed again" if target is None else "undone")
+    state = "missing" if not result.live_existed else "present" if result.live_count is not None else "unparseable"
+    return _row(ws, sid, result.live_count, target, "removed again" if target is None else "undone", live=state)
+
+
+def forget_runs(ws: WatchState, sid: str) -> None:
+    """Erasure: drop *sid* from every recorded recover run (its id and version hashes), and a
+    run left with nothing. Caller holds the session's lock."""
+    assert ws.store is not None
+    for name in ws.store.records(RUNS):
+        raw = ws.store.recorded(RUNS, name)
+        if raw is None:
+            continue
+        run = orjson.loads(raw)
+        kept = [e for e in run.get("sessions", []) if e.get("sid") != sid]
+        if len(kept) == len(run.get("sessions", [])):
+            continue
+        if kept:
+            ws.store.record(RUNS, name, orjson.dumps(dict(run, sessions=kept)))
+        else:
+            ws.store.unrecord(RUNS, name)
 
 
 def _iso(ts: float | None) -> str | None:

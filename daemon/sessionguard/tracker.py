@@ -24,6 +24,7 @@ from typing import Any
 from . import fsutil
 from .count import Parsed, key_hash, parse, stat_key
 from .errors import FileTooLarge, SessionLocked, StoreError, UnsafeSessionFile
+from .pins import compress
 from .rules import Identity, is_loss, replaced
 from .stats import Overwritten, Stats
 from .store import Captured, Kept, Store
@@ -225,6 +226,7 @@ class Tracker:
     def _report(self, case: _Case, c: Captured) -> None:
         ws, sid = case.ws, case.sid
         self.stats.shrink(sid, c.cls, new_version=c.kept.new)
+        ws.last_shrink = time.time()
         log = self.log.info if c.reason == "intended" else self.log.warning
         log("session.shrunk", watch=ws.root, sid=sid, **{"class": c.cls}, reason=c.reason, before=c.before,
             after=c.after)
@@ -261,6 +263,8 @@ class Tracker:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
                     raise
                 pst = pins.write(case.sid, live.data)
+        elif ws.cfg.pin == "zstd":
+            pst = pins.write(case.sid, compress(live.data))
         else:
             cloned = pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes) if ws.cfg.pin == "auto" else None
             if cloned is None:

@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 WATCH = "/var/lib/hermes/sessions"
-STORE = f"{WATCH}/.sessionguard/sessions"
+STORE = f"{WATCH}/.sessionguard"
 CTL = "/opt/sessionguard/bin/sessionguardctl"
 UNIT = "sessionguard.service"
 N_SESSIONS = 3000
@@ -126,7 +126,7 @@ def box(nspawn_ok: None, pkgroot: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def n_pins(c: nspawn.Container) -> int:
-    r = c.run(f"find {STORE} -maxdepth 2 -name 'pin.*' 2>/dev/null | wc -l", check=False)
+    r = c.run(f"find {STORE}/pins -maxdepth 1 -type f ! -name '.*' 2>/dev/null | wc -l", check=False)
     return int(r.stdout.strip() or 0)
 
 
@@ -224,7 +224,7 @@ def test_wipe_is_journaled_with_structured_fields(box: nspawn.Container) -> None
     assert e["_SYSTEMD_UNIT"] == UNIT and e["_PID"] == main_pid
     assert e["_TRANSPORT"] == "journal"  # native protocol, not a stdout line
     # the line that logged it, not the journal renderer
-    assert e["CODE_FILE"].endswith("sessionguard/tracker.py") and e["CODE_FUNC"] == "_keep", e
+    assert e["CODE_FILE"].endswith("sessionguard/tracker.py") and e["CODE_FUNC"] == "_report", e
     kept = eventually(lambda: journal_json(c, "MESSAGE_ID=2c4e6a8b0d1f4e3a9c7b5d3f1e0a2c4b"), 10, "version.kept")
     assert kept[-1]["SESSIONGUARD_SESSION"] == SID
     # and the version is really there, readable through the control socket
