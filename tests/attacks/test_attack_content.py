@@ -153,8 +153,7 @@ def test_an_in_place_writer_racing_captures_and_restores_leaves_only_true_versio
 def test_no_save_live_at_a_restore_is_lost(make_world: Worlds, layout: str) -> None:
     """``keep_last`` is raised so that retention (tested elsewhere) removes none of the ~200
     versions this makes: what is checked is the restore's compare-and-swap, not the policy.
-    The version is named by its file name: its bytes are kept again at every wipe after a
-    restore, so its id names several versions (see the next test)."""
+    The version is named by its file name, the one name no other version shares."""
     w = make_world(layout)
     sdir = w.tenant()
     srv = w.agent()
@@ -187,23 +186,20 @@ def test_no_save_live_at_a_restore_is_lost(make_world: Worlds, layout: str) -> N
     assert set(outs) <= saves | {target.id}, "a restore took out something nobody wrote"
 
 
-AMBIGUOUS_CAUSE = (
-    "guard.pick_version (daemon/sessionguard/guard.py:367-371) calls an id ambiguous when several versions share "
-    "it, but versions with one id hold the same bytes (a restored conversation wiped again is kept again under a "
-    "new name): the id `history` shows cannot be restored, shown or diffed; it should pick the newest of them")
-
-
-@pytest.mark.xfail(strict=True, reason=AMBIGUOUS_CAUSE)
 def test_a_version_kept_twice_can_still_be_restored_by_its_id(make_world: Worlds) -> None:
-    """Found by attack 9: restore, wipe again, restore by the id ``history`` lists."""
+    """Found by attack 9: a restored conversation wiped again is kept again under a new name
+    (same bytes, same id); the id ``history`` lists still restores it. Exit 5 on the second
+    restore: done, and the first restore was undone by a writer since (``overwritten``)."""
     w = make_world("root")
     sdir = w.tenant()
     srv = w.agent()
-    srv("save", path=f"{sdir}/again.json", sid="again", n=30, tag="long")
+    first = srv("save", path=f"{sdir}/again.json", sid="again", n=30, tag="long")
     d = w.start()
-    for _ in range(2):
+    for exits in (0, 5):
         srv("save", path=f"{sdir}/again.json", sid="again", n=0, tag="long")
         d.sync()
         p = w.ctl("admin", d, "restore", "again", json.loads(w.ctl("admin", d, "history", "again").stdout)["most"])
-        assert p.returncode == 0, p.stderr
+        assert p.returncode == exits, p.stderr
+        assert version_hash((sdir / "again.json").read_bytes()) == first["hash"]
         d.sync()
+    assert [v.id for v in store_versions(w.store(), "again") if v.reason == "shrink"] == [first["hash"]] * 2

@@ -54,13 +54,6 @@ def test_a_subdirectory_exchanged_for_a_symlink_to_a_root_only_directory(make_wo
     assert "symlink" in ev["why"] or "not a directory" in ev["why"]
 
 
-FLAT_CAUSE = (
-    "params.sid (daemon/sessionguard/params.py:45-47) decodes %2F and refuses an id with an empty, '.' or '..' "
-    "part for every watch, but a flat watch uses file names as ids as they are (naming.Matcher.parts_for): "
-    "the session is guarded and its versions kept, yet history/diff/restore answer -32602 invalid params")
-
-
-@pytest.mark.xfail(strict=True, reason=FLAT_CAUSE)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_flat_watch_file_with_escapes_in_its_name_is_nameable(make_world: Worlds, layout: str) -> None:
     w = make_world(layout)

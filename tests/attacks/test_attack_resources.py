@@ -203,7 +203,7 @@ def test_a_flood_of_short_lived_names_cannot_fill_the_disk(make_world: Worlds, l
     started, cpu_before = time.monotonic(), cpu_seconds(d.proc.pid)
     for batch in range(6):
         names = [f"flood{batch:02d}x{i:03d}" for i in range(500)]
-        srv("create_many", folder=str(sdir), names=names, n=5)
+        srv("create_many", folder=str(sdir), names=names, n=20)
         d.sync(60)
         srv("delete_many", folder=str(sdir), names=names)
         d.sync(60)

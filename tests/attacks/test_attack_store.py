@@ -89,10 +89,10 @@ def test_store_renamed_away_and_a_symlink_put_in_its_place(make_world: Worlds, l
 
 
 PLANTED_CAUSE = (
-    "store.Store._open_dir (daemon/sessionguard/store.py:169-171) re-raises the PermissionError (EACCES) of "
-    "opening a 0700 directory of the server's user planted as .sessionguard: a daemon that is not root never "
-    "reaches _refusal/_move_aside, the supervisor logs watch.failed and retries every second, and no session of "
-    "the directory is guarded for as long as the planted directory stays")
+    "storedir._open_dir (daemon/sessionguard/storedir.py:79-81) re-raises the PermissionError (EACCES) of opening "
+    "a 0700 directory of the server's user planted as .sessionguard: a daemon that is not root never reaches "
+    "_refusal/move_aside, the supervisor logs watch.failed and retries every second, and no session of the "
+    "directory is guarded for as long as the planted directory stays")
 
 
 @pytest.mark.parametrize(("layout", "plant"), [
@@ -225,10 +225,11 @@ def test_the_attacker_cannot_remove_the_store_and_a_rename_is_undone(make_world:
 
 
 STORM_CAUSE = (
-    "supervisor.Supervisor._check_store takes a failed Store.reclaim (the attacker moved the store again "
-    "between reclaim's scandir and its rename: ENOENT) for a vanished store: it closes the store it holds and "
-    "makes a fresh, empty one, orphaning the real one (every version) under the attacker's name; the wipe made "
-    "meanwhile, its event lost in the inotify overflow the storm causes, is judged against no pin and never kept")
+    "supervisor.Supervisor._check_store (daemon/sessionguard/supervisor.py:296-308) takes a failed "
+    "storedir.reclaim (the attacker moved the store again between reclaim's scandir and its rename: ENOENT, or "
+    "the scandir missed it: False) for a vanished store: it closes the store it holds and makes a fresh, empty "
+    "one, orphaning the real one (every version) under the attacker's name; a wipe made meanwhile, its event "
+    "lost in the inotify overflow the storm causes, is judged against no pin and never kept")
 
 
 @pytest.mark.xfail(strict=True, reason=STORM_CAUSE)
