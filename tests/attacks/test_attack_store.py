@@ -88,16 +88,8 @@ def test_store_renamed_away_and_a_symlink_put_in_its_place(make_world: Worlds, l
     assert not d.events("worker.error") and not d.events("maintenance.error")
 
 
-PLANTED_CAUSE = (
-    "storedir._open_dir (daemon/sessionguard/storedir.py:79-81) re-raises the PermissionError (EACCES) of opening "
-    "a 0700 directory of the server's user planted as .sessionguard: a daemon that is not root never reaches "
-    "_refusal/move_aside, the supervisor logs watch.failed and retries every second, and no session of the "
-    "directory is guarded for as long as the planted directory stays")
-
-
 @pytest.mark.parametrize(("layout", "plant"), [
-    ("root", "directory"), ("root", "symlink"), ("packaged", "symlink"),
-    pytest.param("packaged", "directory", marks=pytest.mark.xfail(strict=True, reason=PLANTED_CAUSE))])
+    ("root", "directory"), ("root", "symlink"), ("packaged", "symlink"), ("packaged", "directory")])
 def test_a_store_planted_before_the_daemon_starts(make_world: Worlds, layout: str, plant: str) -> None:
     """Before the daemon starts, ``.sessionguard`` is the attacker's: a ``0700`` directory whose
     files and entries of ``pins/`` and ``sessions/`` are symlinks into the canary (its pins, its
@@ -224,15 +216,6 @@ def test_the_attacker_cannot_remove_the_store_and_a_rename_is_undone(make_world:
     assert not d.events("store.vanished"), "renamed is not vanished: no fresh store for a rename"
 
 
-STORM_CAUSE = (
-    "supervisor.Supervisor._check_store (daemon/sessionguard/supervisor.py:296-308) takes a failed "
-    "storedir.reclaim (the attacker moved the store again between reclaim's scandir and its rename: ENOENT, or "
-    "the scandir missed it: False) for a vanished store: it closes the store it holds and makes a fresh, empty "
-    "one, orphaning the real one (every version) under the attacker's name; a wipe made meanwhile, its event "
-    "lost in the inotify overflow the storm causes, is judged against no pin and never kept")
-
-
-@pytest.mark.xfail(strict=True, reason=STORM_CAUSE)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_rename_storm_does_not_make_the_daemon_abandon_its_store(make_world: Worlds, layout: str) -> None:
     """The attacker moves the store round ten names as fast as it can: the name the daemon's
