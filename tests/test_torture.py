@@ -9,14 +9,18 @@ shown to fail when versions are taken out of the store. The long run is
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from pathlib import Path
 
+import orjson
 import pytest
 
 import torture
 from daemonproc import DaemonProc
 from sghelpers import make_session, server_write
+from torture_disk import check_cache, pin_matches
 from torture_oracle import FAILURE_KEYS, check, describe
 from torture_plan import Plan, Run
 from torture_writers import STYLES
@@ -135,6 +139,41 @@ def test_the_oracle_reports_versions_taken_out_of_the_store(which, request, tmp_
     assert {sid for sid, _ in lost} <= {i["sid"] for i in removed} | {victim}
     assert any(sid == victim for sid, _ in lost) and figs["high_water_lost"] >= 1
     assert check(run)["lost"] == 0
+
+
+def test_the_oracle_catches_a_lying_version_name_a_lying_cache_and_a_lost_pinned_version(daemon_run):
+    """The checks beyond "lost" can fail too: a version renamed to claim one message more, a
+    pin whose bytes changed while its identity (size, mtime) stayed what ``pins.cache`` says,
+    and a pinned-then-wiped session whose pinned bytes are nowhere are each reported, exactly."""
+    run: Run = daemon_run
+    before = check_cache(run.store, run.sdir)
+    assert before["present"] and before["believed"] >= 10 and before["wrong"] == [], before
+    version = next(p for p in sorted((run.store / "sessions").rglob("*.version")) if "msgs_" in p.name)
+    n = re.search(r"_(\d+)msgs_", version.name)
+    assert n is not None
+    liar = version.with_name(version.name.replace(n[0], f"_{int(n[1]) + 1}msgs_", 1))
+    sid = next(s for s in sorted(orjson.loads((run.store / "pins.cache").read_bytes())["pins"])
+               if pin_matches(run.store, run.sdir, s) and b"lorem" in (run.store / "pins" / s).read_bytes())
+    pin = run.store / "pins" / sid
+    data, st = pin.read_bytes(), pin.stat()
+    wiped = run.supervisor["pinned_then_wiped"]
+    os.rename(version, liar)
+    at = data.rindex(b"lorem")
+    pin.write_bytes(data[:at] + b"LOREM" + data[at + 5:])  # same size, same mtime, other bytes
+    os.utime(pin, ns=(st.st_atime_ns, st.st_mtime_ns))
+    run.supervisor["pinned_then_wiped"] = [*wiped, [sid, "0" * 64]]
+    try:
+        figs = check(run)
+        cache = check_cache(run.store, run.sdir)
+    finally:
+        os.rename(liar, version)
+        pin.write_bytes(data)
+        os.utime(pin, ns=(st.st_atime_ns, st.st_mtime_ns))
+        run.supervisor["pinned_then_wiped"] = wiped
+    assert figs["version_mismatches"] == 1 and liar.name in figs["version_mismatch_details"][0]
+    assert figs["pinned_then_wiped_lost"] == 1 and sid in figs["pinned_then_wiped_lost_details"][0]
+    assert len(cache["wrong"]) == 1 and cache["wrong"][0].startswith(f"{sid}:"), cache
+    assert check(run)["version_mismatches"] == 0 and check_cache(run.store, run.sdir)["wrong"] == []
 
 
 def test_a_shrink_regrown_while_the_daemon_was_down_keeps_the_lost_messages(tmp_path):
