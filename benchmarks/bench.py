@@ -32,9 +32,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import orjson  # noqa: E402
 
 import sessionguard  # noqa: E402
-from sessionguard import fsutil  # noqa: E402
-
 from daemonproc import DaemonProc  # noqa: E402  (tests/: runs the real sessionguardd)
+from sessionguard import fsutil  # noqa: E402
 from sghelpers import make_session, server_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -252,8 +251,8 @@ def bench_guard_save(work: Path, iters: int, breakdown_iters: int) -> dict[str, 
         "naive": summary_ms(times["naive"]),
         "plain_dirfsync_info": summary_ms(times["plain_dirfsync"]),
         "guard_shrink_alternating": {
-            "shrink_saves": summary_ms([t for t, s in zip(times["guard_shrink"], shrink_flags) if s]),
-            "growth_saves": summary_ms([t for t, s in zip(times["guard_shrink"], shrink_flags) if not s]),
+            "shrink_saves": summary_ms([t for t, s in zip(times["guard_shrink"], shrink_flags, strict=False) if s]),
+            "growth_saves": summary_ms([t for t, s in zip(times["guard_shrink"], shrink_flags, strict=False) if not s]),
             "versions_left_after_retention": versions_kept,
         },
     }
@@ -644,7 +643,8 @@ def bench_write_amp(work: Path, megabytes: float) -> dict[str, Any]:
         naive = modes["naive"]
         for mode in ("daemon_auto", "daemon_link"):
             m = modes[mode]
-            m["ratio_write_bytes_vs_naive"] = ratio(m["watcher_write_bytes_per_MB"], naive["watcher_write_bytes_per_MB"])
+            m["ratio_write_bytes_vs_naive"] = ratio(m["watcher_write_bytes_per_MB"],
+                                                    naive["watcher_write_bytes_per_MB"])
             m["ratio_store_bytes_added_vs_naive"] = ratio(m["store_bytes_added_per_MB"],
                                                          naive["store_bytes_added_per_MB"])
         out["patterns"][pattern] = modes
@@ -670,12 +670,12 @@ def machine(workdir: Path) -> dict[str, Any]:
                 if ln.startswith("MemTotal")), "?")
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+                                text=True, check=False).stdout.strip()
         dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "daemon"],
-                                    capture_output=True, text=True).stdout.strip())
+                                    capture_output=True, text=True, check=False).stdout.strip())
     except OSError:
         commit, dirty = "?", None
-    import watchdog.version  # noqa: PLC0415
+    import watchdog.version
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu,
@@ -763,9 +763,9 @@ def table(res: dict[str, Any]) -> str:
     for k in ("guard_save", "events", "shrink_latency", "scale", "write_amp"):
         if isinstance(res.get(k), dict) and "error" in res[k]:
             rows.append((k, "NOT RUN", res[k]["error"][:60], ""))
-    w = [max(len(r[i]) for r in rows + [("benchmark", "value", "baseline (same run)", "ratio")]) for i in range(4)]
+    w = [max(len(r[i]) for r in [*rows, ("benchmark", "value", "baseline (same run)", "ratio")]) for i in range(4)]
     lines = []
-    for r in [("benchmark", "value", "baseline (same run)", "ratio")] + rows:
+    for r in [("benchmark", "value", "baseline (same run)", "ratio"), *rows]:
         lines.append("  ".join(c.ljust(w[i]) if i < 3 else c.rjust(w[i]) for i, c in enumerate(r)))
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
@@ -803,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "command": "benchmarks/run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "quick": q,
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(work),
     }
     t_all = pc()
@@ -813,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
             t = pc()
             try:
                 res[name] = plan[name](work)
-            except Exception as exc:  # noqa: BLE001 - one section failing must not lose the others
+            except Exception as exc:
                 traceback.print_exc()
                 res[name] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"{name} done in {pc() - t:.1f}s")

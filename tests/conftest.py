@@ -149,7 +149,7 @@ def public_client(accounts):
     try:
         for py in candidates:
             prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", py]
-            probe = subprocess.run(prefix + ["-c", "import sys, sessionguard.ctl; print(sys.version_info[:2])"],
+            probe = subprocess.run([*prefix, "-c", "import sys, sessionguard.ctl; print(sys.version_info[:2])"],
                                    capture_output=True, text=True, env=env, timeout=60)
             if probe.returncode == 0:
                 yield py, env

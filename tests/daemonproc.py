@@ -46,7 +46,7 @@ class DaemonProc:
         if user is not None:
             cmd = ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups", *cmd]
         cmd = [*(wrap or []), *cmd]
-        self._log = open(self.logfile, "wb")
+        self._log = open(self.logfile, "wb")  # noqa: SIM115 - open for the life of the process
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -78,7 +78,8 @@ class DaemonProc:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(self.socket)
-            s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}).encode() + b"\n")
+            request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
+            s.sendall(json.dumps(request).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):
                 chunk = s.recv(65536)

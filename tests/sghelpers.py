@@ -92,8 +92,9 @@ def pin_count(sdir: str | os.PathLike[str], sid: str, *, store: str | os.PathLik
     except FileNotFoundError:
         return None
     from sessionguard.count import CountSpec, parse
+    from sessionguard.pins import plain
 
-    count = parse(data, CountSpec.parse("messages")).count
+    count = parse(plain(data, 1 << 30), CountSpec.parse("messages")).count
     return -1 if count is None else count
 
 
@@ -130,6 +131,15 @@ def store_versions(store: str | os.PathLike[str], sid: str) -> list[OnDisk]:
         if v is not None:
             out.append(OnDisk(p, v.id, v.count, v.reason, v.source, v.method, v.name, v.size))
     return out
+
+
+def maintenance_passes(d) -> int:
+    """How many passes the daemon's maintenance loop has made (a positive marker that its
+    checks and retries ran, instead of sleeping through a window where "nothing happens")."""
+    for line in d.call("metrics")["text"].splitlines():
+        if line.startswith("sessionguard_maintenance_passes_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no sessionguard_maintenance_passes_total in the metrics")
 
 
 def reconciliations(d) -> int:

@@ -135,7 +135,8 @@ HOSTILE = [
     (b'{"jsonrpc": "2.0", "id": 1, "method": "show", "params": {"sid": "a/b"}}\n', -32602),
     (b'{"jsonrpc": "2.0", "id": 1, "method": "restore", "params": {"sid": "x\\u0000y"}}\n', -32602),
     (b'{"jsonrpc": "2.0", "id": 1, "method": "status", "params": {"evil": 1}}\n', -32602),
-    (b'{"jsonrpc": "2.0", "id": 1, "method": "list", "params": {"shrunk_only": ' + b" " * (1 << 20) + b"true}}\n", -32600),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "list", "params": {"shrunk_only": '
+     + b" " * (1 << 20) + b"true}}\n", -32600),
 ]
 
 
@@ -159,7 +160,7 @@ def test_hostile_clients_get_errors_and_the_daemon_keeps_answering(world: Path) 
         # hundreds of simultaneous clients, some silent, some asking
         socks = []
         try:
-            for i in range(300):
+            for _i in range(300):
                 s = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
                 s.connect(d.socket)
                 socks.append(s)

@@ -265,8 +265,9 @@ HOSTILE = [
     ("sid with slash", _req("history", {"sid": "a/b"}), INVALID_PARAMS, "sid"),
     ("sid dotdot", _req("restore", {"sid": ".."}), INVALID_PARAMS, "sid"),
     ("sid traversal", _req("show", {"sid": "../../etc/passwd"}), INVALID_PARAMS, "sid"),
-    ("sid encoded traversal", _req("show", {"sid": "x%2F..%2F..%2Fetc"}), INVALID_PARAMS, "sid"),
-    ("sid encoded absolute", _req("forget", {"sid": "%2Fetc%2Fpasswd"}), INVALID_PARAMS, "sid"),
+    # "x%2F..%2Fetc" is one safe component: whether it names a file is the watch's rule (a
+    # recursive watch: no session; a flat watch: a file of that very name) — tested against the
+    # real daemon in test_fuzz_socket.py and test_attacks.py, not here.
     ("sid hidden", _req("diff", {"sid": ".sessionguard"}), INVALID_PARAMS, "sid"),
     ("sid NUL", _req("history", {"sid": "a\u0000b"}), INVALID_PARAMS, "sid"),
     ("sid empty", _req("history", {"sid": ""}), INVALID_PARAMS, "sid"),

@@ -29,7 +29,8 @@ def versions(sdir: Path, sid: str = SID):
 def kept(sdir: Path, count: int, sid: str = SID, reason: str | None = None):
     """Wait until a version with *count* messages is in the store; return it."""
     def find():
-        return next((v for v in versions(sdir, sid) if v.count == count and (reason is None or v.reason == reason)), None)
+        return next((v for v in versions(sdir, sid)
+                     if v.count == count and (reason is None or v.reason == reason)), None)
     return eventually(find, what=f"a kept {count}-message version of {sid}")
 
 

@@ -26,7 +26,7 @@ import pytest
 from daemonproc import DaemonProc, eventually
 from sessionguard import Guard
 from sessionguard.versions import content_hash
-from sghelpers import OnDisk, make_session, needs_root, pin_count, server_write, store_versions
+from sghelpers import OnDisk, maintenance_passes, make_session, needs_root, pin_count, server_write, store_versions
 
 SID = "abc123def456"
 
@@ -166,7 +166,8 @@ def test_store_full_at_start_is_reported_once_and_watched_when_space_returns(sdi
         assert ev["level"] == "error" and ev["errno"] == errno.ENOSPC and ev["store"] == str(store), ev
         assert "exception" not in ev, "an OSError is one line, not a traceback"
         assert any("No space" in why for why in status(d)["degraded"])
-        time.sleep(2.5)  # a window for several retries (one a second): none may log again
+        passes = maintenance_passes(d)  # several retries (one a pass): none may log again
+        eventually(lambda: maintenance_passes(d) >= passes + 3, what="three more maintenance passes")
         assert len(d.events("watch.failed")) == 1, d.text()
         d.assert_alive()
     finally:
@@ -503,7 +504,8 @@ def test_dir_replaced_by_a_symlink_or_a_file_is_not_followed(sdir, tmp_path, dae
     st = status(d)
     assert not st["watches"][0]["available"] and any(str(sdir) in why for why in st["degraded"])
     server_write(elsewhere / "theirs.json", make_session(0, "theirs"))
-    time.sleep(2.5)  # a window for root checks and reconciles: none may look through the link
+    passes = maintenance_passes(d)  # root checks and retries: none may look through the link
+    eventually(lambda: maintenance_passes(d) >= passes + 3, what="three more maintenance passes")
     assert not (elsewhere / ".sessionguard").exists(), "nothing written where the link points"
     assert not [e for e in d.events("session.shrunk") if e["sid"] == "theirs"]
     d.assert_alive()

@@ -523,7 +523,7 @@ def expectations(payload: bytes, role: str, *, eof: bool) -> tuple[list[Expect],
 def check(w: World, exps: list[Expect], got: list[bytes], role: str) -> None:
     assert len(got) == len(exps), (f"{len(exps)} answers expected, {len(got)} received:\n"
                                    + "\n".join(g[:300].decode("utf-8", "replace") for g in got))
-    for exp, raw in zip(exps, got):
+    for exp, raw in zip(exps, got, strict=False):
         resp = orjson.loads(raw)
         note(f"request {exp.line[:300]!r} -> {raw[:300]!r}")
         assert isinstance(resp, dict) and resp.get("jsonrpc") == "2.0" and "id" in resp, resp
@@ -562,7 +562,7 @@ HOSTILE_STRINGS = [
     "*", "?", "[a-z]*", "beta\n", " beta", "beta ", "BETA", "\u202ebeta", "be\u0301ta", "beta\\..\\..",
     "canarydir", "canary", "_index", "{beta_version}", "{beta_version}/../x",
 ]
-REAL_STRINGS = sorted(REAL_SIDS) + ["{w1}", "{w2}", "{beta_version}", "0", "a", "f", "1", "2"]
+REAL_STRINGS = [*sorted(REAL_SIDS), "{w1}", "{w2}", "{beta_version}", "0", "a", "f", "1", "2"]
 BIG_INTS = [2 ** 63 - 1, 2 ** 63, -(2 ** 63) - 1, 2 ** 64, 10 ** 30, -(10 ** 30)]
 
 hostile_strings = st.sampled_from(HOSTILE_STRINGS)
@@ -726,7 +726,7 @@ def raw_payloads(draw: st.DrawFn) -> bytes:
     )
     parts = [draw(frag) if draw(st.integers(0, 3)) else mutated() for _ in range(draw(st.integers(1, 6)))]
     seps = [draw(st.sampled_from([b"\n", b"\r\n", b"", b"\n\n"])) for _ in parts]
-    return b"".join(p + s for p, s in zip(parts, seps))
+    return b"".join(p + s for p, s in zip(parts, seps, strict=False))
 
 
 # -- running one example ---------------------------------------------------------------------------
@@ -774,7 +774,7 @@ def connector(w: World, peers: dict[str, Unprivileged] | None, role: str) -> Con
 
 def request_lines(w: World, reqs: list[dict[str, Any]], blank: list[bool], ascii_only: bool) -> bytes:
     out = b""
-    for req, b in zip(reqs, blank):
+    for req, b in zip(reqs, blank, strict=False):
         out += encode(made_safe(render(req, w)), ascii_only) + b"\n" + (b"\n \r\n" if b else b"")
     return out
 
@@ -835,7 +835,8 @@ def _sweep(w: World, lines: list[tuple[bytes, Callable[[dict[str, Any]], bool]]]
     """Send every line pipelined on one connection; each answer must satisfy its predicate."""
     got = exchange(lambda: own_connection(w), b"".join(line + b"\n" for line, _ in lines), "halfclose")
     assert len(got.lines) == len(lines)
-    bad = [(line[:200], resp) for (line, ok), resp in zip(lines, map(orjson.loads, got.lines)) if not ok(resp)]
+    bad = [(line[:200], resp) for (line, ok), resp in zip(lines, map(orjson.loads, got.lines), strict=False)
+           if not ok(resp)]
     assert not bad, "\n".join(f"{line!r} -> {resp}" for line, resp in bad)
     w.counts["hostile-id sweep (lines)"] += len(lines)
 

@@ -42,7 +42,8 @@ def versions(sdir: Path, sid: str):
 def kept(sdir: Path, count: int, sid: str, reason: str | None = None):
     """Wait until a version with *count* messages is in the store; return it."""
     def find():
-        return next((v for v in versions(sdir, sid) if v.count == count and (reason is None or v.reason == reason)), None)
+        return next((v for v in versions(sdir, sid)
+                     if v.count == count and (reason is None or v.reason == reason)), None)
     return eventually(find, what=f"a kept {count}-message version of {sid}")
 
 
@@ -242,7 +243,7 @@ def test_deeply_nested_messages_that_shrink_keep_their_version(sdir, daemons) ->
     assert Path(v.path).read_bytes() == whole
     pinned(sdir, "deep", 1)
     # Too deep to send back as JSON: a clear -32005 naming the way out, not an internal error…
-    with pytest.raises(RuntimeError, match="-32005.*version file"):
+    with pytest.raises(RuntimeError, match=r"-32005.*version file"):
         d.call("show", {"sid": "deep", "messages": True})
     # …while diff compares by message identity and sends only what is missing (not deep here)
     assert d.call("diff", {"sid": "deep"})["missing_count"] == 2
@@ -334,18 +335,18 @@ def test_non_utf8_names_are_skipped_and_logged_not_tracked(sdir, daemons) -> Non
     markers = [uuid.uuid4().hex for _ in NON_UTF8_NAMES]
     secrets = [secret_session(m) for m in markers]
     half = len(NON_UTF8_NAMES) // 2
-    for name, data in list(zip(NON_UTF8_NAMES, secrets))[:half]:
+    for name, data in list(zip(NON_UTF8_NAMES, secrets, strict=False))[:half]:
         Path(os.fsdecode(bsdir + b"/" + name)).write_bytes(data)
     server_write(sdir / "renamed.json", make_session(8, "renamed"))
     d = daemons("--watch", str(sdir), "--reconcile-interval", "1")
-    for name, data in list(zip(NON_UTF8_NAMES, secrets))[half:]:
+    for name, data in list(zip(NON_UTF8_NAMES, secrets, strict=False))[half:]:
         with open(bsdir + b"/" + name, "wb") as f:
             f.write(data)
     # a normal session renamed to a non-UTF-8 name: for the session, that is a delete
     os.rename(sdir / "renamed.json", bsdir + b"/\xffrenamed.json")
     assert kept(sdir, 8, "renamed", "deleted")
     d.sync()
-    for name in NON_UTF8_NAMES + [b"\xffrenamed.json"]:
+    for name in [*NON_UTF8_NAMES, b"\xffrenamed.json"]:
         ev = skipped(d, name)
         assert ev["why"] == "name is not valid UTF-8: not a session id"
     # once per file state (a file created after start may be seen empty first, then written):
@@ -459,7 +460,7 @@ def test_symlinks_are_never_followed(sdir, tmp_path, daemons) -> None:
     markers = [uuid.uuid4().hex, uuid.uuid4().hex]
     secrets = [secret_session(m) for m in markers]
     targets = [outside / "a.json", outside / "b.json"]
-    for t, data in zip(targets, secrets):
+    for t, data in zip(targets, secrets, strict=False):
         t.write_bytes(data)
     os.mkfifo(outside / "fifo")
     if SHADOW.exists() and SHADOW.stat().st_size:

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from .count import DEFAULT_MAX_BYTES, CountSpec
 from .errors import ConfigError
 from .paths import default_socket_path
+from .pins import zstd_available
 from .retention import Retention
 from .store import STORE_DIRNAME
 
@@ -35,7 +36,7 @@ DEFAULT_EXCLUDE = ("_*", ".*", "*.tmp*", "*.bak*")
 DEFAULT_INTENT_KEYS = ("intentional_shrink_generation", "clear_generation")
 LOG_FORMATS = ("auto", "json", "console", "journal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-PIN_METHODS = ("auto", "copy", "link")
+PIN_METHODS = ("auto", "copy", "link", "zstd")
 STORE_OWNERS = ("daemon", "directory")
 
 
@@ -173,7 +174,8 @@ SCHEMA: tuple[Key, ...] = (
         "shared with the watched directory's owner (a server embedding the library writes it too).",
         choices=STORE_OWNERS),
     Key(_W, "pin", "choice", '"auto"', "How prior versions are held: auto (reflink, else copy), copy, link "
-        "(hard link: only for writers that replace files by rename).",
+        "(hard link: only for writers that replace files by rename), zstd (compressed copies: for a filesystem "
+        "without reflinks; needs the zstandard package; versions stay plain).",
         choices=PIN_METHODS),
     Key(_W, "max_file_bytes", "integer", "268435456", "Larger files are never read (unparseable; the last good "
         "version is kept).", minimum=0),
@@ -281,12 +283,16 @@ def _daemon(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _duplicates(watches: Iterable[WatchConfig], source: str) -> list[str]:
+    """Watches listed twice, and compressed pins without the package that makes them."""
     seen: set[str] = set()
     errors = []
     for i, w in enumerate(watches):
         if w.path in seen:
             errors.append(f"{source}: watch[{i}].path: {w.path} is listed twice")
         seen.add(w.path)
+        if w.pin == "zstd" and not zstd_available():
+            errors.append(f"{source}: watch[{i}].pin: zstd needs the zstandard package "
+                          "(pip install 'sessionguard[zstd]')")
     return errors
 
 

@@ -232,6 +232,7 @@ class Daemon:
                 self.log.exception("maintenance.error", error=str(exc))
 
     def _tick(self, orphans: bool) -> None:
+        self.stats.bump("maintenance_passes")
         available = [ws for ws in self.tracker.watches if ws.available]
         if self._rescan.is_set():
             self._rescan.clear()
@@ -316,8 +317,9 @@ store), 2 invalid configuration.
                    "replaces the config file's watches)")
     p.add_argument("--socket", metavar="PATH", help="control socket (default: /run/sessionguard.sock as root, "
                    "else $XDG_RUNTIME_DIR/sessionguard.sock; never a path in /tmp)")
-    p.add_argument("--pin", choices=("auto", "copy", "link"),
-                   help="pin method for every watch (default auto: reflink where possible, else copy)")
+    p.add_argument("--pin", choices=config.PIN_METHODS,
+                   help="pin method for every watch (default auto: reflink where possible, else copy; "
+                        "zstd: compressed copies)")
     p.add_argument("--reconcile-interval", type=float, metavar="SECONDS",
                    help="seconds between stat-only reconciliation passes (default 30)")
     p.add_argument("--log-format", choices=config.LOG_FORMATS, help="default auto: journal under systemd, "

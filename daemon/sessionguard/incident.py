@@ -14,8 +14,9 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -27,11 +28,20 @@ from .protocol import Caller
 from .recovery import plan
 from .restore import LiveFile, restore
 from .rules import latest_change
+from .stats import Stats
+from .tracker import Tracker
 from .versions import content_hash
 from .watchstate import RestoreMark, WatchState
 
-if TYPE_CHECKING:
-    from .service import Service
+
+@dataclass(frozen=True)
+class Context:
+    """What recovery needs of the daemon: its decisions, counters, log and the restore hint's bound."""
+
+    tracker: Tracker
+    stats: Stats
+    log: Any
+    restore_recent_seconds: float
 
 RUNS = "recoveries"
 
@@ -83,7 +93,7 @@ def diff_live(ws: WatchState, v: Version, data: bytes, *,
     return out
 
 
-def recover(svc: Service, watches: list[WatchState], *, since: float | None, dry_run: bool, undo: str | None,
+def recover(svc: Context, watches: list[WatchState], *, since: float | None, dry_run: bool, undo: str | None,
             caller: Caller) -> dict[str, Any]:
     """Put back every session damaged since *since*; or, with *undo*, undo a run."""
     if undo is not None:
@@ -110,7 +120,7 @@ def recover(svc: Service, watches: list[WatchState], *, since: float | None, dry
             "hint": hints[0] if hints else None}
 
 
-def _recover_one(svc: Service, ws: WatchState, sid: str, *, since: float | None, dry_run: bool,
+def _recover_one(svc: Context, ws: WatchState, sid: str, *, since: float | None, dry_run: bool,
                  rows: list[dict[str, Any]], hints: list[str]) -> dict[str, Any] | None:
     assert ws.store is not None
     versions = ws.store.versions.of(sid)
@@ -169,7 +179,7 @@ def _record(ws: WatchState, run: str, entries: list[dict[str, Any]]) -> None:
     ws.store.record(RUNS, f"{run}.json", orjson.dumps({"run": run, "sessions": entries}))
 
 
-def _undo(svc: Service, watches: list[WatchState], run: str, caller: Caller) -> dict[str, Any]:
+def _undo(svc: Context, watches: list[WatchState], run: str, caller: Caller) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     found = False
     for ws in watches:
@@ -188,7 +198,7 @@ def _undo(svc: Service, watches: list[WatchState], run: str, caller: Caller) -> 
     return {"run": run, "dry_run": False, "since": None, "sessions": rows, "hint": None}
 
 
-def _undo_one(svc: Service, ws: WatchState, entry: dict[str, Any]) -> dict[str, Any]:
+def _undo_one(svc: Context, ws: WatchState, entry: dict[str, Any]) -> dict[str, Any]:
     assert ws.store is not None
     sid = entry["sid"]
     versions = ws.store.versions.of(sid)

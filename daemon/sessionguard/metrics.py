@@ -52,6 +52,8 @@ def render(s: Snapshot, watches: Iterable[WatchState]) -> str:
     metric("events_total", "counter", "Filesystem events received.", [("", s.events)])
     metric("overflows_total", "counter", "inotify queue overflows (events lost, rescanned).", [("", s.overflows)])
     metric("reconciliations_total", "counter", "Stat-only reconciliation passes.", [("", s.reconciliations)])
+    metric("maintenance_passes_total", "counter", "Passes of the maintenance loop (directory and store checks, "
+           "retries), one a second while it is alive.", [("", s.maintenance_passes)])
     metric("errors_total", "counter", "Errors (each also logged).", [("", s.errors)])
     metric("degraded", "gauge", "1 while something is degraded (see status).", [("", 1 if s.degraded else 0)])
     return "\n".join(lines) + "\n"

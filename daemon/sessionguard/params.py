@@ -31,21 +31,18 @@ def boolean(value: Any) -> bool:
 
 
 def sid(value: Any) -> str:
-    """A session id that names one file inside a watch, never anything outside it.
+    """A session id: one safe path component (:func:`~sessionguard.naming.validate_sid`:
+    no ``/``, NUL, leading dot, over 255 bytes).
 
-    Besides the store's own rule (:func:`~sessionguard.store.validate_sid`: no
-    ``/``, NUL, leading dot, over 255 bytes), a recursive watch writes a
-    sub-directory ``sub/x.json`` as the id ``sub%2Fx``: decoded, no component
-    may be empty, ``.`` or ``..`` (``x%2F..%2F..%2Fetc`` or ``%2Fetc%2Fpasswd``
-    would leave the watch).
+    Whether it names a file of a watch is the watch's own rule
+    (:meth:`~sessionguard.naming.Matcher.parts_for`): in a recursive watch
+    ``x%2F..%2Fetc`` decodes to a path that leaves it and names no session
+    (-32004), while in a flat watch a file may really be called
+    ``a%2F..%2Fb.json`` and is named by exactly that id.
     """
     if not isinstance(value, str):
         raise ValueError("must be a string")
-    validate_sid(value)
-    if any(p in ("", ".", "..") for p in value.replace("%2F", "/").replace("%25", "%").split("/")):
-        raise ValueError(f"session id {value!r} is no session's id "
-                         "(an encoded sub-directory path with an empty, '.' or '..' part)")
-    return value
+    return validate_sid(value)
 
 
 def version(value: Any) -> str | None:

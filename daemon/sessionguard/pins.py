@@ -14,6 +14,12 @@ compared like any other (a torn JSON pin is unparseable and has nothing to
 lose), and the store fsyncs a pin before it becomes a version. Pins are
 replaced by ``rename`` so a reader never sees half of one.
 
+With ``pin = "zstd"`` a pin holds the session compressed (a zstd frame,
+recognised by its magic number; a JSON or JSONL session never starts with
+it): a store on a filesystem without reflinks then costs a fraction of the
+sessions' size instead of all of it. :func:`plain` gives back the session's
+bytes; versions are always kept plain, so ``cp`` restores any of them.
+
 A pin's mtime is the session's *birth*: the time the daemon first saw it,
 carried from pin to pin (a hard-link pin shares the live file's mtime
 instead). The store's byte cap uses it to tell a name that lived seconds
@@ -39,6 +45,41 @@ from .fsutil import Owner
 from .naming import is_sid
 
 PINS_DIR = "pins"
+#: The first four bytes of every zstd frame (RFC 8878).
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def zstd_available() -> bool:
+    """Is the optional ``zstandard`` package here (``pin = "zstd"`` needs it)?"""
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compressed(data: bytes) -> bool:
+    return data[:4] == ZSTD_MAGIC
+
+
+def plain(data: bytes, max_bytes: int) -> bytes:
+    """The session's bytes held by a pin: as they are, or decompressed (never more than
+    *max_bytes*: a pin is not allowed to unfold into more than a session may be)."""
+    if not compressed(data):
+        return data
+    import zstandard
+
+    with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+        out = reader.read(max_bytes + 1)
+    if len(out) > max_bytes:
+        raise ValueError(f"a compressed pin unfolds to more than {max_bytes} bytes")
+    return out
+
+
+def compress(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=3).compress(data)
 CACHE_FILE = "pins.cache"
 _CACHE_VERSION = 2
 
@@ -71,7 +112,8 @@ class Pins:
         return old.st_mtime_ns if old is not None else time.time_ns()
 
     def write(self, sid: str, data: bytes) -> os.stat_result:
-        """Pin *data* (the bytes just read from the live file): a copy pin."""
+        """Pin *data* (the bytes just read from the live file, or compressed: see
+        :func:`compress`): a copy pin."""
         birth = self._birth(sid)
         tmp = fsutil.tmp_name(sid)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,

@@ -12,17 +12,34 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from . import fsutil
-from .count import Parsed, parse
+from .count import CountSpec, Parsed, parse
 from .errors import UnsafeSessionFile
-from .naming import Version
-from .restore import restore
+from .naming import Matcher, Version
+from .restore import LiveFile, restore
 from .rules import is_loss, latest_change, restore_candidate
+from .store import Store
 
-if TYPE_CHECKING:
-    from .guard import Guard
+
+class Host(Protocol):
+    """What start-up recovery needs of the embedded guard (:class:`sessionguard.Guard`)."""
+
+    store: Store
+    spec: CountSpec
+    max_bytes: int
+    matcher: Matcher
+
+    def dir_fd(self) -> int: ...
+
+    def live_file(self, sid: str) -> LiveFile: ...
+
+    def foreign_change(self, sid: str, live: Parsed, st: os.stat_result) -> None: ...
+
+    def repin(self, sid: str, dir_fd: int, name: str, st: os.stat_result) -> None: ...
+
+    def emit(self, name: str, sid: str, *, level: str = "info", **fields: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,7 @@ class RecoveryReport:
     left_alone: list[LeftAlone] = field(default_factory=list)
 
 
-def recover_guard(guard: Guard) -> RecoveryReport:
+def recover_guard(guard: Host) -> RecoveryReport:
     """The library's start-up recovery.
 
     A session is restored when its live file has zero messages or is
@@ -109,7 +126,7 @@ def recover_guard(guard: Guard) -> RecoveryReport:
     return report
 
 
-def _recover_one(guard: Guard, sid: str, report: RecoveryReport) -> None:
+def _recover_one(guard: Host, sid: str, report: RecoveryReport) -> None:
     live_file = guard.live_file(sid)
     try:
         data, st = fsutil.read_regular(live_file.name, guard.max_bytes, dir_fd=live_file.dir_fd)

@@ -221,7 +221,8 @@ class Service:
 
     def recover(self, *, since: float | None = None, watch: str | None = None, dry_run: bool = False,
                 undo: str | None = None, caller: Caller) -> dict[str, Any]:
-        return incident.recover(self, self._watches(watch), since=since, dry_run=dry_run, undo=undo, caller=caller)
+        ctx = incident.Context(self.tracker, self.stats, self.log, self.restore_recent_seconds)
+        return incident.recover(ctx, self._watches(watch), since=since, dry_run=dry_run, undo=undo, caller=caller)
 
     def forget(self, *, sid: str, watch: str | None = None, before: float | None = None,
                caller: Caller) -> dict[str, Any]:

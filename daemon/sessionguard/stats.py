@@ -7,6 +7,7 @@ the systemd STATUS= line) read a consistent :meth:`snapshot`.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ class Snapshot:
     restores: int = 0
     overflows: int = 0
     reconciliations: int = 0
+    maintenance_passes: int = 0
     errors: int = 0
     last_overflow: float | None = None
     last_shrink: tuple[str, float, str] | None = None
@@ -100,7 +102,5 @@ class Stats:
     def snapshot(self) -> Snapshot:
         """A consistent copy for views."""
         with self._lock:
-            s = self._s
-            return Snapshot(s.events, s.evaluations, Counter(s.shrinks), s.versions_kept, s.restores, s.overflows,
-                          s.reconciliations, s.errors, s.last_overflow, s.last_shrink, dict(s.degraded),
-                          dict(s.overwritten))
+            return dataclasses.replace(self._s, shrinks=Counter(self._s.shrinks), degraded=dict(self._s.degraded),
+                                       overwritten=dict(self._s.overwritten))

@@ -23,20 +23,18 @@ Layout (format 2; :mod:`sessionguard.migrate` upgrades older stores)::
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from . import fsutil, migrate
+from . import fsutil, migrate, storedir
+from . import pins as pins_mod
 from .count import CountSpec, Parsed, parse
 from .errors import StoreError
 from .fsutil import Owner
-from .locks import Locks
+from .locks import LOCK_FILE, Locks
 from .naming import Method, Reason, Source, Version
 from .pins import PINS_DIR, Pins
 from .retention import Retention, SessionVersions, over_cap, to_remove
@@ -45,34 +43,10 @@ from .versions import SESSIONS_DIR, Versions
 
 FORMAT = 2
 STORE_DIRNAME = ".sessionguard"
+README = storedir.README
 #: Stale temporary files of a live process are left alone for this long.
 _TMP_GRACE_SECONDS = 3600
 
-README = """\
-sessionguard backup store (format 2)
-====================================
-
-sessions/<session id>/   one folder per session that has kept versions:
-  <UTC time>_<N>msgs_<reason>_<source>_<method>_<hash>.version
-      A kept prior version: the session file exactly as it was, byte for byte.
-      reason: shrink | unparseable | deleted | replaced | intended | pre-restore
-      source: library | daemon | admin      method: link | reflink | copy
-pins/<session id>        the last version seen of each session (not a backup:
-                         it may already hold the damaged content)
-lock, pins.cache, FORMAT  sessionguard's own; leave them alone.
-
-Restore by hand when the daemon is down (stop the chat server first: it may
-hold the session in memory and write it back):
-
-  cd sessions/<sid>
-  ls *.version | tail -n 1                        # the newest version
-  ls *.version | sort -t_ -k2 -n | tail -n 1      # the version with the most messages
-  cp --no-preserve=all <version> <session dir>/<sid>.json.restoring
-  mv <session dir>/<sid>.json.restoring <session dir>/<sid>.json
-
-With the daemon running, `sessionguardctl restore <sid>` does the same and
-keeps the replaced file as a pre-restore version first.
-"""
 
 
 @dataclass(frozen=True)
@@ -113,10 +87,10 @@ class Store:
         self.owner, self.max_bytes, self.retention = owner, max_bytes, retention
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)
-        self.pins = Pins(self._subdir(PINS_DIR), fd, owner)
-        self.versions = Versions(self._subdir(SESSIONS_DIR), owner, fd)
+        self.pins = Pins(storedir.subdir(fd, PINS_DIR, owner, where), fd, owner)
+        self.versions = Versions(storedir.subdir(fd, SESSIONS_DIR, owner, where), owner, fd)
         self.locks = Locks(fd)
-        self._own_lock_file()
+        storedir.own_file(fd, LOCK_FILE, owner)
 
     # -- opening -----------------------------------------------------------------------
 
@@ -135,18 +109,8 @@ class Store:
         sharing a store with the directory's owner). The store keeps a
         duplicate of *parent_fd*.
         """
-        notice = None
-        fd = cls._open_dir(parent_fd, name, create, owner)
-        why = cls._refusal(fd, expect_uid)
-        if why is not None:
-            if fd >= 0:
-                os.close(fd)
-            if not replace_refused:
-                raise StoreError(f"the store {where} {why}: refused (a daemon sharing it with this process "
-                                 "needs store_owner = \"directory\" in its [[watch]])")
-            aside = cls._move_aside(parent_fd, name)
-            notice = f"{where} {why}: moved aside to {aside}; a fresh store was made"
-            fd = cls._open_dir(parent_fd, name, True, owner)
+        fd, notice = storedir.open_checked(parent_fd, name, where=where, expect_uid=expect_uid, owner=owner,
+                                           create=create, replace_refused=replace_refused)
         try:
             migrated = migrate.upgrade(fd, FORMAT, owner)
             if migrated:
@@ -156,85 +120,8 @@ class Store:
         except BaseException:
             os.close(fd)
             raise
-        store._write_readme()
+        storedir.write_readme(fd, README, owner)
         return store, notice
-
-    @staticmethod
-    def _open_dir(parent_fd: int, name: str, create: bool, owner: Owner) -> int:
-        try:
-            return fsutil.open_dir(name, at=parent_fd)
-        except FileNotFoundError:
-            if not create:
-                raise
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-            return -1  # a symlink or a file: refused by _refusal
-        try:
-            os.mkdir(name, 0o700, dir_fd=parent_fd)
-        except FileExistsError:
-            pass
-        fd = fsutil.open_dir(name, at=parent_fd)
-        if owner is not None and owner != (os.geteuid(), os.getegid()):
-            os.fchown(fd, *owner)
-        os.fchmod(fd, 0o700)
-        fsutil.fsync_dir(parent_fd)
-        return fd
-
-    @staticmethod
-    def _refusal(fd: int, expect_uid: int) -> str | None:
-        if fd < 0:
-            return "is a symlink or not a directory"
-        st = os.fstat(fd)
-        if st.st_uid != expect_uid:
-            return f"belongs to uid {st.st_uid}, not {expect_uid}"
-        if st.st_mode & 0o022:
-            return f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
-        return None
-
-    @staticmethod
-    def _move_aside(parent_fd: int, name: str) -> str:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        aside = f"{name}.refused-{stamp}-{os.getpid()}"
-        os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-        fsutil.fsync_dir(parent_fd)
-        return aside
-
-    def _subdir(self, name: str) -> int:
-        try:
-            os.mkdir(name, 0o700, dir_fd=self.fd)
-        except FileExistsError:
-            pass
-        fd = fsutil.open_dir(name, at=self.fd)
-        try:
-            if self.owner is not None and self.owner != (os.geteuid(), os.getegid()):
-                os.fchown(fd, *self.owner)  # ours to give (just made, or made by us before)
-            st = os.fstat(fd)
-            if st.st_uid != os.fstat(self.fd).st_uid:
-                raise StoreError(f"{self.where}/{name} belongs to uid {st.st_uid}: refused")
-            os.fchmod(fd, 0o700)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _own_lock_file(self) -> None:
-        """The lock file exists and belongs to the store's owner, so every process sharing
-        the store (the library as the directory's owner) can take its locks."""
-        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
-        try:
-            if self.owner is not None and self.owner != (os.geteuid(), os.getegid()):
-                os.fchown(fd, *self.owner)
-        finally:
-            os.close(fd)
-
-    def _write_readme(self) -> None:
-        try:
-            have, _ = fsutil.read_regular("README.txt", 1 << 20, dir_fd=self.fd)
-        except (OSError, ValueError):
-            have = b""
-        if have != README.encode():
-            fsutil.write_file(self.fd, "README.txt", README.encode(), mode=0o600, owner=self.owner)
 
     def close(self) -> None:
         for fd in (self.pins.fd, self.versions.fd, self.fd, self.parent_fd):
@@ -248,27 +135,12 @@ class Store:
         Its directory's owner can rename it away or put something else under
         its name. We keep working through our descriptor meanwhile.
         """
-        st = fsutil.lstat_at(self.parent_fd, self.name)
-        if st is None:
-            return "it was removed or renamed away"
-        if (st.st_dev, st.st_ino) != self.ident:
-            return "something else took its name"
-        return None
+        return storedir.displaced(self.parent_fd, self.name, self.ident)
 
     def reclaim(self) -> bool:
-        """Put the store back under its name after it was renamed away within its
-        directory (a directory owned by another user cannot be moved elsewhere
-        by them). Whatever took its name is moved aside. False when it is nowhere to be found."""
-        with os.scandir(self.parent_fd) as it:
-            found = next((e.name for e in it if e.inode() == self.ident[1] and e.name != self.name
-                          and e.is_dir(follow_symlinks=False)), None)
-        if found is None:
-            return False
-        if fsutil.lstat_at(self.parent_fd, self.name) is not None:
-            self._move_aside(self.parent_fd, self.name)
-        os.rename(found, self.name, src_dir_fd=self.parent_fd, dst_dir_fd=self.parent_fd)
-        fsutil.fsync_dir(self.parent_fd)
-        return True
+        """Put the store back under its name after it was renamed away (see
+        :func:`storedir.reclaim`). False when it is nowhere to be found."""
+        return storedir.reclaim(self.parent_fd, self.name, self.ident)
 
     # -- sessions --------------------------------------------------------------------
 
@@ -293,12 +165,13 @@ class Store:
             return None
         fd, st = opened
         try:
-            data = fsutil.read_fd(fd, st, self.max_bytes, sid)
+            raw = fsutil.read_fd(fd, st, self.max_bytes, sid)
+            data = pins_mod.plain(raw, self.max_bytes)
             old = parse(data, spec)
             lost, reason, cls = self._judge(old, new, cause, intent_keys)
             if not lost:
                 return None
-            link = None if st.st_nlink > 1 else (self.pins.fd, sid, fd)
+            link = None if st.st_nlink > 1 or data is not raw else (self.pins.fd, sid, fd)
             version, fresh = self.versions.keep(sid, data, count=old.count, reason=reason, source=source,
                                                 method=method, link_from=link)
         finally:
@@ -352,7 +225,7 @@ class Store:
             return None
         fd, st = opened
         try:
-            return fsutil.read_fd(fd, st, self.max_bytes, sid), st
+            return pins_mod.plain(fsutil.read_fd(fd, st, self.max_bytes, sid), self.max_bytes), st
         finally:
             os.close(fd)
 
@@ -418,7 +291,7 @@ class Store:
 
     def record(self, folder: str, name: str, data: bytes) -> None:
         """Durably write a small file of the store's own (e.g. a recover run) into *folder*."""
-        fd = self._subdir(folder)
+        fd = storedir.subdir(self.fd, folder, self.owner, self.where)
         try:
             fsutil.write_file(fd, name, data, owner=self.owner)
         finally:

@@ -157,7 +157,7 @@ class Supervisor:
     def _pin_method(ws: WatchState, store: Store, root: os.stat_result) -> Any:
         """The method the pins of *ws* use; neither a link nor a reflink crosses filesystems."""
         same_fs = os.fstat(store.fd).st_dev == root.st_dev
-        if ws.cfg.pin == "copy" or not same_fs:
+        if ws.cfg.pin in ("copy", "zstd") or not same_fs:
             return "copy"
         if ws.cfg.pin == "link":
             return "link"

@@ -24,6 +24,7 @@ from typing import Any
 from . import fsutil
 from .count import Parsed, key_hash, parse, stat_key
 from .errors import FileTooLarge, SessionLocked, StoreError, UnsafeSessionFile
+from .pins import compress
 from .rules import Identity, is_loss, replaced
 from .stats import Overwritten, Stats
 from .store import Captured, Kept, Store
@@ -261,6 +262,8 @@ class Tracker:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
                     raise
                 pst = pins.write(case.sid, live.data)
+        elif ws.cfg.pin == "zstd":
+            pst = pins.write(case.sid, compress(live.data))
         else:
             cloned = pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes) if ws.cfg.pin == "auto" else None
             if cloned is None:

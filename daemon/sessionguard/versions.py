@@ -249,7 +249,8 @@ class Versions:
                 return same[-1], False
             name = version_name(time.time(), count, reason=reason, source=source,
                                 method=method if link_from else "copy", digest=digest)
-            if (same and self._link_version(fd, same[-1].name, name, digest)) or (link_from is not None and self._link(link_from, fd, name, digest)):
+            linked = bool(same) and self._link_version(fd, same[-1].name, name, digest)
+            if linked or (link_from is not None and self._link(link_from, fd, name, digest)):
                 fsutil.fsync_dir(fd)
             else:
                 name = version_name(time.time(), count, reason=reason, source=source, method="copy", digest=digest)

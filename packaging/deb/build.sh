@@ -140,6 +140,12 @@ grep -q "^home = /usr/bin" "$VENV/pyvenv.cfg" || die "venv not based on /usr/bin
 if grep -rlI -e "$WORK" "$VENV" >/dev/null 2>&1; then
     die "the build directory leaked into: $(grep -rlI -e "$WORK" "$VENV" | head -3)"
 fi
+# zstandard ships two backends: the C one is used, the cffi one (12 MB, and it would
+# need the cffi package) never is; wheels ship unstripped shared objects (lintian:
+# unstripped-binary-or-object), 10x their stripped size.
+rm -f "$VENV"/lib/python3.11/site-packages/zstandard/_cffi.*.so \
+    "$VENV"/lib/python3.11/site-packages/zstandard/backend_cffi.py
+find "$VENV" -type f -name '*.so*' -exec strip --strip-unneeded {} +
 unwanted=$(cd "$VENV" && find . \( -name __pycache__ -o -name '*.pyc' -o -name 'activate*' -o -name 'pip' \
     -o -name 'setuptools' -o -name 'pkg_resources' -o -name '_distutils_hack' -o -name watchmedo \) -print)
 [ -z "$unwanted" ] || die "unwanted files in the venv: $unwanted"

@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 WATCH = "/var/lib/hermes/sessions"
-PINS = f"{WATCH}/.sessionguard/pins"
+STORE = f"{WATCH}/.sessionguard"
 CTL = "/opt/sessionguard/bin/sessionguardctl"
 UNIT = "sessionguard.service"
 N_SESSIONS = 3000
@@ -132,8 +132,7 @@ def box(nspawn_ok: None, pkgroot: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def n_pins(c: nspawn.Container) -> int:
-    """Pins in the store (format 2: ``pins/<sid>``; tmp files are hidden names)."""
-    r = c.run(f"find {PINS} -maxdepth 1 -type f ! -name '.*' 2>/dev/null | wc -l", check=False)
+    r = c.run(f"find {STORE}/pins -maxdepth 1 -type f ! -name '.*' 2>/dev/null | wc -l", check=False)
     return int(r.stdout.strip() or 0)
 
 
