@@ -219,7 +219,7 @@ class Supervisor:
             while not any(m.startswith("STATUS=scanning") for _, m in notify.drain()):
                 self._alive_until(d, deadline, "begin its scan")
                 time.sleep(0.005)
-            began, share = time.monotonic(), self.rng.uniform(0.1, 1.0)
+            began, share = time.monotonic(), self.rng.uniform(0.05, 0.95)
             seen: list[dict[str, Any]] = []
             while not any(e.get("event") == "daemon.started" for e in seen):
                 reports = notify.progress()
