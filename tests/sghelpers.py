@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -279,3 +284,74 @@ def tree(root: str | os.PathLike[str]) -> dict[str, tuple[int, int, int, str]]:
                 not os.path.islink(p) else ""
             out[os.path.relpath(p, root)] = (st.st_ino, st.st_mode, st.st_mtime_ns, digest)
     return out
+
+
+# -- the admin's side: sessionguardctl as a subprocess, WHEN values, the store searched byte by byte --
+
+def sgctl(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``sessionguardctl --socket SOCK ARGS…`` run as its own process (the exit code is the caller's to check)."""
+    return subprocess.run([sys.executable, "-m", "sessionguard.ctl", "--socket", sock, *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def sgctl_json(sock: str, *args: str, codes: tuple[int, ...] = (0,)) -> Any:
+    """``sessionguardctl --json …``: the parsed result, after checking the exit code is one of *codes*."""
+    p = sgctl(sock, "--json", *args)
+    assert p.returncode in codes, (args, p.returncode, p.stdout, p.stderr)
+    return orjson.loads(p.stdout)
+
+
+def printed_command(stdout: str, label: str) -> str:
+    """The command the client printed after *label* (e.g. ``to undo this whole run:``), exactly as printed."""
+    lines = [line.split(label, 1)[1].strip() for line in stdout.splitlines() if label in line]
+    assert len(lines) == 1, (label, stdout)
+    return lines[0]
+
+
+def run_printed(command: str) -> subprocess.CompletedProcess[str]:
+    """Run a command the client printed, in a shell, as an admin would paste it (``sessionguardctl``
+    is the one installed beside this interpreter)."""
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin", "/bin"]))
+    return subprocess.run(["bash", "-ec", command], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+
+
+def local_when(ts: float) -> str:
+    """An absolute WHEN for ``--since``/``--before`` (local time, whole seconds, as an admin types it)."""
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def next_second() -> float:
+    """Wait (bounded) until the clock has passed the next whole second; that second, as a Unix time.
+
+    Orders "before" and "after" for an absolute WHEN with one-second resolution:
+    a wait for an ordering, never a timing assertion."""
+    cut = float(int(time.time()) + 1)
+    deadline = time.monotonic() + 5
+    while time.time() <= cut:
+        assert time.monotonic() < deadline, "the clock did not move"
+        time.sleep(0.05)
+    return cut
+
+
+def files_holding(root: str | os.PathLike[str], needle: bytes) -> list[str]:
+    """Every regular file below *root* (no symlink followed) whose bytes contain *needle*, relative to *root*."""
+    assert needle
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path) and not os.path.islink(path) and needle in Path(path).read_bytes():
+                found.append(os.path.relpath(path, root))
+    return sorted(found)
+
+
+def seed_write(d: str | os.PathLike[str], session: Any) -> bytes:
+    """Save a test chat server ``Session`` into directory *d* the way that server does (its own
+    bytes, ``<sid>.tmp.<pid>.<tid>`` + fsync + rename); the bytes written."""
+    from chatserver import serialize
+    from chatserver.seedio import write_atomic
+
+    data: bytes = serialize(session)
+    write_atomic(Path(d) / f"{session.session_id}.json", data)
+    return data

@@ -269,6 +269,14 @@ def view_restore(args: argparse.Namespace, r: dict[str, Any]) -> int:
     return exit_code("restore", args, r)
 
 
+def _before(row: dict[str, Any]) -> str:
+    """What a recover row's live file was: its count, or missing / unparseable, or - (not looked at)."""
+    live = row.get("live")
+    if live in ("missing", "unparseable"):
+        return str(live)
+    return count(row.get("before")) if live == "present" else "-"
+
+
 def view_recover(args: argparse.Namespace, r: dict[str, Any]) -> int:
     if r.get("hint"):
         out(f"note: {safe(r['hint'])}")
@@ -277,7 +285,8 @@ def view_recover(args: argparse.Namespace, r: dict[str, Any]) -> int:
         out("no session's latest change is an unintended loss" + (f" since {when(r['since'])}" if r.get("since")
                                                                      else "") + ": nothing to do")
         return exit_code("recover", args, r)
-    table_rows = [(s.get("sid"), f"{count(s.get('before'))} → {count(s.get('after'))}", s.get("version"),
+    table_rows = [(s.get("sid"), f"{_before(s)} → {count(s.get('after')) if s.get('version') else '-'}",
+                   s.get("version"),
                    safe(s.get("outcome")) + (", restore undone!" if s.get("overwritten") else ""),
                    clip(safe(s.get("why") or ""), 60), s.get("watch")) for s in rows]
     out(table(["SID", "MESSAGES", "VERSION", "OUTCOME", "WHY", "WATCH"], table_rows))

@@ -401,7 +401,3 @@ def range_lock(fd: int, offset: int, *, wait: bool) -> bool:
             return False
         raise
     return True
-
-
-def range_unlock(fd: int, offset: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))

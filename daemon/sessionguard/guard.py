@@ -365,8 +365,8 @@ def pick_version(versions: list[Version], sid: str, version: str | None, *, most
         if not isinstance(version, str) or not version:
             raise ValueError("version id must be a non-empty string")
         hits = [v for v in versions if v.name == version or v.id.startswith(version)]
-        if len(hits) == 1:
-            return hits[0]
+        if hits and len({v.id for v in hits}) == 1:
+            return hits[-1]  # one content: several events kept the same bytes (names differ, bytes do not)
         raise NotFound(f"version id {version!r} is ambiguous for session {sid!r}" if hits
                        else f"session {sid!r} has no version {version!r}")
     chosen = most_messages(versions) if most else restore_candidate(versions)

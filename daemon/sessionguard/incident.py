@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from . import fsutil
-from .count import Diff, decoded_messages, parse
+from .count import Diff, Parsed, decoded_messages, parse
 from .errors import NotFound
 from .naming import Version
 from .protocol import Caller
@@ -144,11 +144,13 @@ def _recover_one(svc: Context, ws: WatchState, sid: str, *, since: float | None,
             return None
         before = parsed.count if parsed is not None else None
         if decision.action == "leave":
-            rows.append(_row(ws, sid, before, decision.target, "left alone", why=decision.why))
+            rows.append(_row(ws, sid, before, decision.target, "left alone", why=decision.why,
+                             live=_live_state(parsed)))
             return None
         recreate = decision.action == "recreate"
         if dry_run:
-            rows.append(_row(ws, sid, before, decision.target, "would recreate" if recreate else "would restore"))
+            rows.append(_row(ws, sid, before, decision.target, "would recreate" if recreate else "would restore",
+                             live=_live_state(parsed)))
             return None
         hint = recent_hint(live, svc.restore_recent_seconds)
         if hint:
@@ -160,18 +162,27 @@ def _recover_one(svc: Context, ws: WatchState, sid: str, *, since: float | None,
         return None
     finally:
         os.close(live.dir_fd)
+    svc.stats.overwritten(None, (ws.root, sid))  # reported in this run's row; this restore is the news now
     ws.restored[sid] = RestoreMark(time.time(), decision.target.count, decision.target.id)
     svc.tracker.evaluate_at(ws, parts, sid, None)
     svc.stats.bump("restores")
-    rows.append(_row(ws, sid, before, decision.target, "recreated" if recreate else "restored"))
+    rows.append(_row(ws, sid, before, decision.target, "recreated" if recreate else "restored",
+                     live=_live_state(parsed)))
     return {"sid": sid, "restored": decision.target.id, "recreated": recreate,
             "pre_restore": result.pre_restore.id if result.pre_restore else None}
 
 
 def _row(ws: WatchState, sid: str, before: int | None, target: Version | None, outcome: str, *,
-         why: str | None = None) -> dict[str, Any]:
-    return {"sid": sid, "watch": ws.root, "before": before, "after": target.count if target else None,
-            "version": target.id if target else None, "outcome": outcome, "why": why}
+         why: str | None = None, live: str | None = None) -> dict[str, Any]:
+    """One session of a recover run. *live* says what the live file was: ``missing``,
+    ``unparseable`` or ``present`` (*before* is then its count); None when not looked at."""
+    return {"sid": sid, "watch": ws.root, "before": before, "live": live,
+            "after": target.count if target else None, "version": target.id if target else None,
+            "outcome": outcome, "why": why}
+
+
+def _live_state(parsed: Parsed | None) -> str:
+    return "missing" if parsed is None else "present" if parsed.ok else "unparseable"
 
 
 def _record(ws: WatchState, run: str, entries: list[dict[str, Any]]) -> None:
@@ -216,7 +227,26 @@ def _undo_one(svc: Context, ws: WatchState, entry: dict[str, Any]) -> dict[str, 
         os.close(live.dir_fd)
     ws.restored.pop(sid, None)
     svc.tracker.evaluate_at(ws, parts, sid, None)
-    return _row(ws, sid, result.live_count, target, "removed again" if target is None else "undone")
+    state = "missing" if not result.live_existed else "present" if result.live_count is not None else "unparseable"
+    return _row(ws, sid, result.live_count, target, "removed again" if target is None else "undone", live=state)
+
+
+def forget_runs(ws: WatchState, sid: str) -> None:
+    """Erasure: drop *sid* from every recorded recover run (its id and version hashes), and a
+    run left with nothing. Caller holds the session's lock."""
+    assert ws.store is not None
+    for name in ws.store.records(RUNS):
+        raw = ws.store.recorded(RUNS, name)
+        if raw is None:
+            continue
+        run = orjson.loads(raw)
+        kept = [e for e in run.get("sessions", []) if e.get("sid") != sid]
+        if len(kept) == len(run.get("sessions", [])):
+            continue
+        if kept:
+            ws.store.record(RUNS, name, orjson.dumps(dict(run, sessions=kept)))
+        else:
+            ws.store.unrecord(RUNS, name)
 
 
 def _iso(ts: float | None) -> str | None:

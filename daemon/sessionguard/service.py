@@ -21,7 +21,7 @@ from .guard import pick_version
 from .naming import Version
 from .protocol import Caller
 from .restore import restore
-from .rules import latest_change, most_messages, restore_candidate
+from .rules import is_loss, latest_change, most_messages, restore_candidate
 from .stats import Stats
 from .supervisor import Supervisor
 from .tracker import Tracker
@@ -97,7 +97,7 @@ class Service:
         versions, size = ws.store.usage() if ws.store is not None else (0, 0)
         mine = [why for key, why in degraded.items() if key.split(":", 1)[1] in (ws.root, ws.cfg.store_path)]
         return dict(self.supervisor.describe(ws), sessions=len(ws.files), versions=versions, store_bytes=size,
-                    last_reconcile=iso(ws.last_reconcile), degraded=sorted(mine))
+                    last_reconcile=iso(ws.last_reconcile), last_shrink=iso(ws.last_shrink), degraded=sorted(mine))
 
     def list(self, *, watch: str | None = None, shrunk_only: bool = False, intended: bool = False,
              caller: Caller) -> dict[str, Any]:
@@ -123,6 +123,10 @@ class Service:
         state = "ok" if newest is None else STATE_BY_REASON.get(newest.reason, "ok")
         if tracked is None:
             state = "deleted"
+        elif state in ("shrunk", "unparseable"):
+            candidate = restore_candidate(versions)
+            if candidate is not None and tracked.count is not None and not is_loss(candidate.count, tracked.count):
+                state = "ok"  # grown past the damage since: recover leaves it alone too
         counts = [v.count for v in versions if v.count is not None]
         if tracked is not None and tracked.count is not None:
             counts.append(tracked.count)
@@ -200,6 +204,7 @@ class Service:
                 os.close(live.dir_fd)
             over = self.stats.snapshot().overwritten.get((ws.root, sid))
             if not dry_run and not result.unchanged:
+                self.stats.overwritten(None, (ws.root, sid))  # said in this reply; this restore is the news now
                 ws.restored[sid] = RestoreMark(time.time(), target.count, target.id)
                 self.tracker.evaluate_at(ws, parts, sid, None)  # learn the restored file now
                 self.stats.bump("restores")
@@ -232,6 +237,8 @@ class Service:
                 raise StoreError(f"{ws.root} is not available right now")
             with ws.store.lock(sid, LOCK_WAIT):
                 removed, pin = ws.store.forget(sid, before)
+                if before is None:
+                    incident.forget_runs(ws, sid)
                 if pin:
                     ws.files.pop(sid, None)
                     ws.restored.pop(sid, None)

@@ -297,6 +297,28 @@ class Store:
         finally:
             os.close(fd)
 
+    def records(self, folder: str) -> list[str]:
+        """The names of the files :meth:`record` wrote into *folder*."""
+        try:
+            fd = fsutil.open_dir(folder, at=self.fd)
+        except FileNotFoundError:
+            return []
+        try:
+            with os.scandir(fd) as it:
+                return sorted(e.name for e in it if e.is_file(follow_symlinks=False)
+                              and fsutil.TMP_MARK not in e.name)
+        finally:
+            os.close(fd)
+
+    def unrecord(self, folder: str, name: str) -> None:
+        """Remove a file :meth:`record` wrote."""
+        fd = fsutil.open_dir(folder, at=self.fd)
+        try:
+            if fsutil.unlink_quietly(fd, name):
+                fsutil.fsync_dir(fd)
+        finally:
+            os.close(fd)
+
     def recorded(self, folder: str, name: str) -> bytes | None:
         """A file written by :meth:`record`, or None."""
         try:

@@ -226,6 +226,7 @@ class Tracker:
     def _report(self, case: _Case, c: Captured) -> None:
         ws, sid = case.ws, case.sid
         self.stats.shrink(sid, c.cls, new_version=c.kept.new)
+        ws.last_shrink = time.time()
         log = self.log.info if c.reason == "intended" else self.log.warning
         log("session.shrunk", watch=ws.root, sid=sid, **{"class": c.cls}, reason=c.reason, before=c.before,
             after=c.after)

@@ -124,6 +124,7 @@ class WatchState:
         self.deferred: dict[str, float] = {}
         self.restored: dict[str, RestoreMark] = {}
         self.last_reconcile: float | None = None
+        self.last_shrink: float | None = None
         #: Shared by every evaluation and control call on this watch, exclusive for
         #: the supervisor while it swaps or closes the descriptors above: a descriptor
         #: number is never used after it was closed (and perhaps reused for another file).
