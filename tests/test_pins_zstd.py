@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 from daemonproc import eventually
-from sghelpers import make_session, pin_count, server_write, store_versions
-
 from sessionguard.pins import ZSTD_MAGIC
+from sghelpers import make_session, pin_count, server_write, store_versions
 
 SID = "abc123def456"
 

@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import sessionguard
 from chatserver import ChatServer, Session, make_session, serialize
 from daemonproc import DaemonProc

@@ -467,3 +467,40 @@ def test_wipe_reaches_journald_with_structured_fields(work, notify_sock):
             proc.kill()
             proc.wait()
         print((work / "collector.out").read_text(errors="replace"))
+
+
+# --------------------------------------------------------------------------- #
+# a stop during the start-up scan
+
+FIRST_SCAN_FILES = 20_000
+
+
+def test_a_stop_during_the_first_scan_ends_it_and_the_next_start_finishes_the_job(work, notify_sock, daemons):
+    """A first scan over a big tree takes long; ``systemctl stop`` (or systemd's start
+    timeout) must not wait for the rest of it. The scan ends where it is, READY=1 is
+    never sent, and the next start scans again: every session is pinned then."""
+    sdir = work / "sessions"
+    sids = [f"{i:012x}" for i in range(1, FIRST_SCAN_FILES + 1)]
+    for sid in sids:  # plain writes: the tree is the fixture, not the server's saves
+        (sdir / f"{sid}.json").write_bytes(json.dumps(make_session(3, sid)).encode())
+
+    d = daemons("--watch", str(sdir), env=sd_env(notify_sock))
+    notify_sock.wait(lambda n: " of " in n.fields.get("STATUS", "") and "files" in n.fields["STATUS"],
+                     timeout=120, what="a progress STATUS= of the start-up scan")
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(120) == 0, d.text()
+    abandoned = d.events("scan.abandoned")
+    assert abandoned and 0 < abandoned[0]["files"] < FIRST_SCAN_FILES, d.text()
+    assert not d.events("scan.completed"), "after SIGTERM the scan went on over the whole tree"
+    assert not [n for n in notify_sock.snapshot() if has("READY")(n)], "READY=1 after a stop during the scan"
+    assert d.events("daemon.stopped")
+
+    # the next start scans again (no clean-stop cache was written) and pins every session
+    d2 = daemons("--watch", str(sdir), env=sd_env(notify_sock))
+    d2.wait_event("scan.completed", timeout=300)
+    last = sids[-1]
+    assert pin_count(sdir, last) == 3
+    server_write(sdir / f"{last}.json", make_session(0, last))
+    kept = eventually(lambda: store_versions(sdir / ".sessionguard", last), what="the wiped session's version")
+    assert kept[0].count == 3
+    assert d2.stop() == 0, d2.text()

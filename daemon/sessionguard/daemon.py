@@ -59,7 +59,8 @@ class Daemon:
         self.tracker = Tracker([WatchState(w) for w in self.cfg.watches], self.stats, self.log)
         self.watcher = Watcher(self.tracker, self.log, self._on_overflow)
         self.supervisor = Supervisor(self.tracker, self.watcher, self.stats, self.log,
-                                     reconcile_interval=self.cfg.reconcile_interval, progress=self._progress)
+                                     reconcile_interval=self.cfg.reconcile_interval, progress=self._progress,
+                                     stopping=lambda: self._stopping or self._maint_stop.is_set())
         self.service = Service(tracker=self.tracker, watcher=self.watcher, supervisor=self.supervisor,
                                stats=self.stats, log=self.log,
                                restore_recent_seconds=getattr(self.cfg, "restore_recent_seconds", 60.0),
@@ -73,6 +74,8 @@ class Daemon:
         self.watcher.start()
         total = len(self.tracker.watches)
         for i, ws in enumerate(self.tracker.watches, 1):
+            if self._stopping:
+                break
             self._scanning = f"{ws.root} ({i} of {total} watches)"
             systemd.notify(f"STATUS=scanning {self._scanning}", f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
             self.supervisor.bring_up(ws, initial=True)
@@ -133,7 +136,8 @@ class Daemon:
             print(f"sessionguardd: {exc}", file=sys.stderr)
             self._stop_watching()
             return 1
-        systemd.notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
+        if not self._stopping:  # a stop during the first scan ends it; never say READY then
+            systemd.notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
         ping = systemd.watchdog_interval()
         tick = min(1.0, ping / 2) if ping else 1.0
         last_status, was_healthy = 0.0, True
@@ -237,7 +241,7 @@ class Daemon:
         if self._rescan.is_set():
             self._rescan.clear()
             for ws in available:
-                passes.scan(self.tracker, ws)
+                passes.scan(self.tracker, ws, stop=self._maint_stop.is_set)
             self._next_reconcile = time.monotonic() + self.cfg.reconcile_interval
         for ws in self.tracker.watches:
             self.supervisor.check(ws)

@@ -8,9 +8,12 @@ logging — or the daemon's structlog, through ``ProcessorFormatter`` and
 ``ExtraAdder`` — carries them as fields; and to an optional ``on_event``
 callback, for a server that wants to show them in its own UI.
 
-Events: ``session.shrunk`` (reason ``shrink``/``intended``/…, before, after,
-version), ``save.refused`` (before, after, why), ``session.restored``,
-``session.recovered``, ``recovery.failed``, ``store.replaced``.
+Every event carries ``sid``, ``before``, ``after``, ``reason`` and ``version``
+(None where one does not apply) and its own extras. Events: ``session.shrunk``
+(reason ``shrink``/``intended``/…), ``save.refused`` (reason ``partial``,
+why), ``session.restored`` and ``session.recovered`` (after: the restored
+count, reason: the restored version's), ``pin.overwritten``,
+``recovery.failed``, ``store.replaced``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 log = logging.getLogger("sessionguard")
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+#: Fields every event carries (None where one does not apply), besides ``sid``.
+STANDARD_FIELDS = ("before", "after", "reason", "version")
 #: Attributes a LogRecord already has: a field of that name travels as ``sg_<name>``.
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -44,6 +49,8 @@ class Emitter:
         self._on_event = on_event
 
     def __call__(self, name: str, sid: str, *, level: str = "info", **fields: Any) -> GuardEvent:
+        for key in STANDARD_FIELDS:  # one query finds every loss, refusal and recovery
+            fields.setdefault(key, None)
         event = GuardEvent(name, sid, level, fields)
         text = " ".join(f"{k}={v}" for k, v in fields.items())
         log.log(_LEVELS[level], "%s sid=%s %s", name, sid, text,

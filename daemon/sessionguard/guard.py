@@ -29,7 +29,7 @@ from .config import DEFAULT_INTENT_KEYS, load_file
 from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, count_doc, key_hash, parse, stat_key
 from .errors import CorruptSessionError, NotFound, PartialSessionError, UnsafeSessionFile
 from .events import GuardEvent
-from .naming import Matcher, Reason, Version, validate_sid
+from .naming import DEFAULT_EXCLUDE, Matcher, Reason, Version, validate_sid
 from .recovery import RecoveryReport, recover_guard
 from .restore import LiveFile, RestoreResult, restore
 from .retention import Retention
@@ -69,6 +69,7 @@ class Guard:
     def __init__(self, session_dir: str | os.PathLike[str], count: str = "messages", *,
                  intent_keys: tuple[str, ...] | list[str] = DEFAULT_INTENT_KEYS,
                  store: str | os.PathLike[str] | None = None, suffix: str | None = None,
+                 exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE,
                  retention: Retention | None = None, max_bytes: int = DEFAULT_MAX_BYTES, indent: bool = True,
                  on_event: Callable[[GuardEvent], None] | None = None) -> None:
         self.session_dir = os.path.abspath(os.fspath(session_dir))
@@ -76,7 +77,7 @@ class Guard:
         self.suffix = suffix if suffix is not None else (".jsonl" if self.spec.kind == "jsonl" else ".json")
         self.intent_keys = tuple(intent_keys)
         self.max_bytes = max_bytes
-        self.matcher = Matcher(f"*{self.suffix}")
+        self.matcher = Matcher(f"*{self.suffix}", tuple(exclude))
         self._dump_opts = orjson.OPT_INDENT_2 if indent else 0
         self.emit = events.Emitter(on_event)
         self._dir_fd = os.open(self.session_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -98,16 +99,21 @@ class Guard:
         self._known: dict[str, tuple[int, int | None]] = {}
 
     @classmethod
-    def from_config(cls, session_dir: str | os.PathLike[str], config: str = "/etc/sessionguard/sessionguard.toml",
-                    **kw: Any) -> Guard:
+    def from_config(cls, session_dir: str | os.PathLike[str],
+                    config: str | os.PathLike[str] = "/etc/sessionguard/sessionguard.toml", **kw: Any) -> Guard:
         """A guard with the settings of the daemon's ``[[watch]]`` for *session_dir* in
-        *config* (count, intent keys, store, retention, size cap): one source of truth."""
+        *config* (count, the file pattern and excludes, intent keys, store, retention, size
+        cap): one source of truth for the daemon and the server."""
         path = os.path.abspath(os.fspath(session_dir))
-        cfg = load_file(config)
+        cfg = load_file(os.fspath(config))
         for w in cfg.watches:
             if w.path == path:
-                return cls(path, w.count, intent_keys=w.intent_keys, store=w.store or None,
-                           retention=w.retention, max_bytes=w.max_file_bytes, **kw)
+                suffix = Matcher(w.pattern).suffix
+                if not suffix:
+                    raise ValueError(f"{config}: the watch's pattern {w.pattern!r} is not '*<suffix>': "
+                                     "the library names session files <sid><suffix>")
+                return cls(path, w.count, intent_keys=w.intent_keys, store=w.store or None, suffix=suffix,
+                           exclude=w.exclude, retention=w.retention, max_bytes=w.max_file_bytes, **kw)
         raise NotFound(f"{config} has no [[watch]] with path = {path!r}")
 
     # -- names ---------------------------------------------------------------------
@@ -269,7 +275,7 @@ class Guard:
         return intent_changed(prior.doc, new_doc, self.intent_keys)
 
     def _refuse(self, sid: str, before: int | None, after: int | None, why: str) -> None:
-        self.emit("save.refused", sid, level="warning", before=before, after=after, why=why)
+        self.emit("save.refused", sid, level="warning", before=before, after=after, reason="partial", why=why)
         raise PartialSessionError(f"refusing to save session {sid!r}: {why}, so this save would drop its "
                                   "messages; load the full session first (or pass allow_shrink=True)")
 
@@ -347,7 +353,7 @@ class Guard:
             self._known.pop(sid, None)
         if not dry_run and not result.unchanged:
             self.emit("session.restored", sid, level="warning", version=target.id, count=target.count,
-                       before=result.live_count)
+                      after=target.count, reason=target.reason, before=result.live_count)
         return result
 
     def recover_on_startup(self) -> RecoveryReport:

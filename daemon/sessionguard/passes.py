@@ -68,11 +68,16 @@ def count_files(ws: WatchState) -> int:
 
 
 def scan(tracker: Tracker, ws: WatchState, cache: dict[str, CacheEntry] | None = None, *,
-         find_orphans: bool = False, progress: Progress | None = None) -> dict[str, int]:
+         find_orphans: bool = False, progress: Progress | None = None,
+         stop: Callable[[], bool] | None = None) -> dict[str, int]:
     """Every file against its pin. Sessions the daemon knew (or the cache knew) whose
     file is gone were deleted while nobody looked: their pins become versions.
     *find_orphans* also lists every pin (a start without a cache); *progress* is told
-    how far the scan is every :data:`PROGRESS_EVERY` files."""
+    how far the scan is every :data:`PROGRESS_EVERY` files.
+
+    When *stop* turns true the scan ends where it is, with ``abandoned=1`` in its
+    result: every file it did is as safe as after a kill there, and a scan that ran
+    on over 200,000 files would hold ``systemctl stop`` past its timeout."""
     assert ws.store is not None and ws.root_fd is not None
     started = time.monotonic()
     outcomes: Counter[str] = Counter()
@@ -80,6 +85,9 @@ def scan(tracker: Tracker, ws: WatchState, cache: dict[str, CacheEntry] | None =
     seen: set[str] = set()
     total = (len(cache) if cache else count_files(ws)) if progress is not None else 0
     for done, (parts, entry) in enumerate(walk(ws), 1):
+        if stop is not None and stop():
+            tracker.log.info("scan.abandoned", watch=ws.root, files=done - 1, why="the daemon is stopping")
+            return dict(outcomes, files=done - 1, abandoned=1)
         if progress is not None and done % PROGRESS_EVERY == 0:
             progress(done, max(total, done))
         sid, why = ws.matcher.identify(parts)

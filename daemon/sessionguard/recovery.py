@@ -153,4 +153,5 @@ def _recover_one(guard: Host, sid: str, report: RecoveryReport) -> None:
     restore(guard.store, sid, decision.target, live_file, source="library")
     report.restored.append(Recovered(sid, decision.target, live.count))
     guard.emit("session.recovered", sid, level="warning", version=decision.target.id,
+               after=decision.target.count, reason=decision.target.reason,
                 count=decision.target.count, before=live.count)

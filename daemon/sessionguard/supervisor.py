@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +68,13 @@ class Supervisor:
     """Brings watches up and down; one per daemon, used by its maintenance thread."""
 
     def __init__(self, tracker: Tracker, watcher: Watcher, stats: Stats, log: Any, *,
-                 reconcile_interval: float, progress: passes.Progress | None = None) -> None:
+                 reconcile_interval: float, progress: passes.Progress | None = None,
+                 stopping: Callable[[], bool] | None = None) -> None:
         self.tracker, self.watcher, self.stats, self.log = tracker, watcher, stats, log
         self.reconcile_interval = reconcile_interval
         self.progress = progress
+        #: True once the daemon stops: scans end where they are (see :func:`passes.scan`).
+        self.stopping = stopping
         self._status: dict[str, _Status] = {}
 
     # -- up ---------------------------------------------------------------------------
@@ -96,8 +100,11 @@ class Supervisor:
             self._open(ws, initial=initial)
             refused = self._schedule(ws)
             cache = ws.store.pins.load_cache() if ws.store is not None else {}
-            passes.scan(self.tracker, ws, cache or None, find_orphans=not cache,
-                        progress=self.progress if initial else None)
+            done = passes.scan(self.tracker, ws, cache or None, find_orphans=not cache,
+                               progress=self.progress if initial else None, stop=self.stopping)
+            if done.get("abandoned"):  # stopping: as after a kill mid-scan, pins.cache stays
+                self._close(ws)
+                return
             if ws.store is not None:
                 ws.store.pins.drop_cache()
         except StoreError as exc:
@@ -274,7 +281,7 @@ class Supervisor:
             status.polled = None
             self.log.info("watch.restored", **self.describe(ws))
             self.stats.degrade(f"inotify:{ws.root}", None)
-            passes.scan(self.tracker, ws)
+            passes.scan(self.tracker, ws, stop=self.stopping)
 
     def _check_store(self, ws: WatchState) -> None:
         """A store renamed away by the directory's owner is put back; one that vanished
