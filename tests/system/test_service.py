@@ -407,3 +407,6 @@ def test_a_first_scan_that_stops_advancing_is_killed_by_the_start_timeout(box: n
     assert seen[-1]["ActiveState"] == "failed" and seen[-1]["Result"] == "timeout", seen[-1]
     log = c.journal(UNIT, lines=2000)
     assert "start operation timed out" in log.lower(), log
+    # systemd's SIGTERM (with SIGCONT) ended the scan where it was: the daemon did not go on over the tree
+    events = [e["SESSIONGUARD_EVENT"] for e in journal_json(c, f"_PID={pid}") if "SESSIONGUARD_EVENT" in e]
+    assert "scan.abandoned" in events and "scan.completed" not in events, events
