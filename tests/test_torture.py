@@ -78,10 +78,10 @@ FILLER = 20_000
 
 
 def test_kills_during_first_scans_leave_no_false_pin_and_lose_nothing(tmp_path):
-    """Issue 15: the start-up scan over 20,000 sessions (seconds long) is SIGKILLed at a random
-    point three times — as systemd's start timeout or a power cut would — while the writers
-    write; after each kill a few sessions the killed scan had pinned are wiped. Then a start is
-    let through. Pins claim nothing by name, so: every pin of a file unchanged across the kills
+    """Issue 15: the start-up scan over 20,000 sessions (seconds long) is ended at a random point
+    three times — by SIGKILL as a power cut or the start timeout's final kill would, or (one time
+    in three) by SIGTERM as a stop would — while the writers write; after each, a few sessions
+    the ended scan had pinned are wiped. Then a start is let through. Pins claim nothing by name, so: every pin of a file unchanged across the kills
     equals it, ``pins.cache`` is absent after a kill or true where it would be believed, no tmp
     file is left, every wiped session's pinned bytes are kept, nothing the oracle expects is lost."""
     figs = torture.run_and_check(Plan(seconds=10, kills=False, filler=FILLER, first_scan_kills=3), tmp_path)

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import random
 import re
+import signal
 import socket
 import threading
 import time
@@ -198,16 +199,20 @@ class Supervisor:
     # -- kills during a start-up scan --
 
     def first_scan_storm(self, kills: int, filler: list[str]) -> None:
-        """SIGKILL *kills* daemons in the middle of their start-up scan over *filler* (each at
-        a random moment of it), as systemd's start timeout or a power cut would; between
+        """End *kills* daemons in the middle of their start-up scan over *filler* (each at a
+        random moment of it), as a power cut, systemd's start timeout or a stop would; between
         kills, wipe a few sessions the killed scan had pinned. The next start that finishes
         is checked like any restart; the wiped sessions' pinned bytes must be kept."""
         estimate = max(1.0, len(filler) * 0.0002)  # seconds: replaced by each scan seen to finish
         for _ in range(4 * kills):
-            if self.kills["first-scan"] >= kills:
+            if self.scan_kills() >= kills:
                 return
             estimate = self._first_scan_attempt(filler, estimate)
-        raise RuntimeError(f"only {self.kills['first-scan']} of {kills} kills landed during a scan")
+        raise RuntimeError(f"only {self.scan_kills()} of {kills} kills landed during a scan")
+
+    def scan_kills(self) -> int:
+        """Daemons ended (SIGKILL or SIGTERM) while their start-up scan ran."""
+        return self.kills["first-scan"] + self.kills["first-scan-stop"]
 
     def _first_scan_attempt(self, filler: list[str], estimate: float) -> float:
         """One start killed at a random point of its scan (a random share of its files done, as
@@ -244,13 +249,24 @@ class Supervisor:
             self._up(d, tail)
             self.kill("first-scan-missed")
             return max(1.0, 1.1 * float(done["duration_ms"]) / 1000)
-        d.kill()
-        # The log, read whole once the daemon is dead, says whether the scan had ended.
-        during = not d.events("scan.completed")
-        self._after_kill(d.proc.pid, "first-scan" if during else "first-scan-late")
+        plan, during = self._interrupt(d)
+        self._after_kill(d.proc.pid, plan)
         if during:
             self._after_scan_kill(filler)
         return estimate
+
+    def _interrupt(self, d: DaemonProc) -> tuple[str, bool]:
+        """SIGKILL the scanning daemon — or, one time in three, SIGTERM it (``systemctl stop``, or
+        the start timeout's first signal), which ends the scan where it is. Returns the kill's
+        plan and whether the scan was still running (the log, read once the daemon is gone, says)."""
+        if self.rng.random() < 1 / 3:
+            d.signal(signal.SIGTERM)
+            d.stop(timeout=120)
+            during = bool(d.events("scan.abandoned"))
+            return ("first-scan-stop" if during else "first-scan-stop-late"), during
+        d.kill()
+        during = not d.events("scan.completed")
+        return ("first-scan" if during else "first-scan-late"), during
 
     def _after_scan_kill(self, filler: list[str]) -> None:
         """How far the killed scan got, and a few of the sessions it pinned wiped while no daemon runs."""
@@ -369,7 +385,8 @@ class Supervisor:
             "pin_checks": self.pin_checks,
             "missing_pins": len(self.missing_pins),
             "missing_pin_details": self.missing_pins[:20],
-            "scan_kills": self.kills["first-scan"],
+            "scan_kills": self.scan_kills(),
+            "scan_stops": self.kills["first-scan-stop"],
             "scan_kill_points": self.scan_kill_points,
             "scan_progress_reports": len(self.scan_reports),
             "scan_reports_without_extend": sum(not extend for *_, extend in self.scan_reports),
