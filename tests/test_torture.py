@@ -81,9 +81,10 @@ def test_kills_during_first_scans_leave_no_false_pin_and_lose_nothing(tmp_path):
     """Issue 15: the start-up scan over 20,000 sessions (seconds long) is ended at a random point
     three times — by SIGKILL as a power cut or the start timeout's final kill would, or (one time
     in three) by SIGTERM as a stop would — while the writers write; after each, a few sessions
-    the ended scan had pinned are wiped. Then a start is let through. Pins claim nothing by name, so: every pin of a file unchanged across the kills
-    equals it, ``pins.cache`` is absent after a kill or true where it would be believed, no tmp
-    file is left, every wiped session's pinned bytes are kept, nothing the oracle expects is lost."""
+    the ended scan had pinned are wiped. Then a start is let through. Pins claim nothing by name,
+    so: every pin of a file unchanged across the kills equals it, ``pins.cache`` is absent after a
+    kill or true where it would be believed, no tmp file is left, every wiped session's pinned
+    bytes are kept, nothing the oracle expects is lost."""
     figs = torture.run_and_check(Plan(seconds=10, kills=False, filler=FILLER, first_scan_kills=3), tmp_path)
     print(describe(figs, details=False))
     assert_nothing_lost(figs)
@@ -123,11 +124,11 @@ def test_the_oracle_reports_versions_taken_out_of_the_store(which, request, tmp_
     removed = items[:: max(1, len(items) // 4)][:4]
     victim = next(i["sid"] for i in items if i["sid"] not in {r["sid"] for r in removed})
     moves = [(Path(p), tmp_path / f"{n}-{Path(p).name}") for n, i in enumerate(removed) for p in i["paths"]]
-    folder = run.store / "sessions" / victim
-    live = run.sdir / f"{victim}.json"
-    moves.append((folder, tmp_path / "victim-folder"))
-    if live.exists():
-        moves.append((live, tmp_path / "victim-live"))
+    # every copy of the victim: its versions' folder, its pin (pins/<sid> in format 2), its live file
+    for src, name in ((run.store / "sessions" / victim, "folder"), (run.store / "pins" / victim, "pin"),
+                      (run.sdir / f"{victim}.json", "live")):
+        if src.exists():
+            moves.append((src, tmp_path / f"victim-{name}"))
     for src, dst in moves:
         shutil.move(src, dst)
     try:
