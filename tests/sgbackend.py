@@ -72,8 +72,8 @@ CANNED: dict[str, dict[str, Any]] = {
     "restore": {"sid": "abc123def456", "watch": WATCH["path"], "restored": VERSION, "pre_restore": PRE,
                 "live_count_before": 0, "dry_run": False, "unchanged": False, "hint": None, "overwritten": None},
     "recover": {"run": "r20261124T120000-1", "dry_run": False, "since": None, "hint": None, "sessions": [
-        {"sid": "abc123def456", "watch": WATCH["path"], "before": 0, "after": 1000, "version": VERSION["id"],
-         "outcome": "restored", "why": None, "overwritten": False}]},
+        {"sid": "abc123def456", "watch": WATCH["path"], "live": "present", "before": 0, "after": 1000,
+         "version": VERSION["id"], "outcome": "restored", "why": None, "overwritten": False}]},
     "forget": {"sid": "abc123def456", "watch": WATCH["path"], "removed": 2, "bytes_freed": 412645},
     "prune": {"removed": [], "bytes_freed": 0},
 }

@@ -221,14 +221,17 @@ def test_restore_prints_the_hint_first_and_exit_5_when_overwritten(stub):
 def test_recover_rows_undo_and_exit_codes(stub):
     path, backend = stub
     rows = [dict(CANNED["recover"]["sessions"][0]),
-            dict(CANNED["recover"]["sessions"][0], sid="deleted1", before=None, after=40, outcome="recreated"),
+            dict(CANNED["recover"]["sessions"][0], sid="deleted1", live="missing", before=None, after=40,
+                 outcome="recreated"),
+            dict(CANNED["recover"]["sessions"][0], sid="garbled", live="unparseable", before=None, after=12),
             dict(CANNED["recover"]["sessions"][0], sid="grew", before=30, after=30, version=None,
                  outcome="left alone", why="grew past the damage since")]
     backend.results["recover"] = dict(CANNED["recover"], sessions=rows)
     p = run(path, "recover", "--since", "2h")
     assert p.returncode == 0, p.stderr
     out = text(p)
-    assert "0 → 1000" in out and "unparseable → 40" in out and "recreated" in out and "left alone" in out
+    assert "0 → 1000" in out and "missing → 40" in out and "unparseable → 12" in out
+    assert "recreated" in out and "left alone" in out
     undo = out.splitlines()[-1]
     assert undo.startswith("to undo this whole run: sessionguardctl")
     assert undo.endswith("recover --undo r20261124T120000-1")
