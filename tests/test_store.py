@@ -624,3 +624,28 @@ def test_an_intended_clear_after_a_restore_is_never_undone(store: Store, sdir: P
     cleared = capture(store, data(0, clear_generation="b"), keys=("clear_generation",))  # the user clears it
     assert cleared is not None and cleared.reason == "intended"
     assert restore_candidate(store.versions.of(SID)) is None
+
+
+def test_a_store_renamed_in_its_directory_is_still_in_place_one_moved_out_or_deleted_is_not(tmp_path: Path) -> None:
+    """The supervisor keeps using a store its directory's owner renamed (and puts it back);
+    only a store deleted or moved out of the directory is replaced by a fresh one."""
+    from sessionguard import storedir
+
+    sdir, other = tmp_path / "s", tmp_path / "other"
+    sdir.mkdir()
+    other.mkdir()
+    parent = fsutil.open_root(str(sdir))
+    store, _ = Store.open(parent, where=str(sdir / ".sessionguard"), expect_uid=os.geteuid(), max_bytes=1 << 26)
+    try:
+        assert store.in_place() and store.displaced() is None
+        os.rename(sdir / ".sessionguard", sdir / ".elsewhere")
+        assert store.in_place() and store.displaced() == "it was removed or renamed away"
+        assert store.reclaim() and store.displaced() is None
+        os.rename(sdir / ".sessionguard", other / "moved")
+        assert not store.in_place() and not store.reclaim()
+        rmtree(str(other / "moved"))
+        assert not store.in_place()
+        assert not storedir.still_in(parent, store.fd)
+    finally:
+        store.close()
+        os.close(parent)

@@ -137,6 +137,11 @@ class Store:
         """
         return storedir.displaced(self.parent_fd, self.name, self.ident)
 
+    def in_place(self) -> bool:
+        """The store's directory is still in the directory it was opened in, under whatever
+        name: see :func:`storedir.still_in`."""
+        return storedir.still_in(self.parent_fd, self.fd)
+
     def reclaim(self) -> bool:
         """Put the store back under its name after it was renamed away (see
         :func:`storedir.reclaim`). False when it is nowhere to be found."""
