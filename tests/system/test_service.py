@@ -277,6 +277,14 @@ def test_socket_activation_starts_the_service(box: nspawn.Container) -> None:
     assert listening and listening[-1]["SESSIONGUARD_PATH"] == "/run/sessionguard.sock", listening
     r = c.run([CTL, "status"])  # the default socket path as root
     assert "sessions" in r.stdout, r.stdout
+    # issue 14: a member of the read group who is not root, no flags at all; an outsider is
+    # told which group to join
+    c.run("useradd -M -N -g users -G sessionguard sgreader && useradd -M -N -g users sgoutsider")
+    r = c.run([CTL, "status"], user="sgreader", check=False)
+    assert r.returncode in (0, 4) and "sessions" in r.stdout, (r.stdout, r.stderr)  # 4: degraded, still an answer
+    r = c.run([CTL, "status"], user="sgoutsider", check=False)
+    assert r.returncode == 3 and "/run/sessionguard.sock" in r.stderr, r.stderr
+    assert "usermod -aG sessionguard" in r.stderr, r.stderr
 
 
 # -- a first scan longer than the start timeout (issue 15) ---------------------------
