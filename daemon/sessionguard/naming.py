@@ -18,6 +18,7 @@ Only the standard library is imported: a server embeds this.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -103,15 +104,25 @@ class Matcher:
     recursive: bool = False
     skip: frozenset[str] = frozenset()
 
-    @property
+    @functools.cached_property
     def suffix(self) -> str:
         tail = self.pattern[1:]
         if self.pattern.startswith("*") and not any(c in tail for c in "*?["):
             return tail
         return ""
 
+    @functools.cached_property
+    def _excluded_re(self) -> re.Pattern[str] | None:
+        """Every exclude pattern in one compiled expression: a scan calls :meth:`excluded`
+        for each of a million names."""
+        return re.compile("|".join(fnmatch.translate(ex) for ex in self.exclude)) if self.exclude else None
+
+    @functools.cached_property
+    def _pattern_re(self) -> re.Pattern[str]:
+        return re.compile(fnmatch.translate(self.pattern))
+
     def excluded(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, ex) for ex in self.exclude)
+        return self._excluded_re is not None and self._excluded_re.match(name) is not None
 
     def descend(self, parts: tuple[str, ...]) -> bool:
         """Should a recursive walk enter the directory at *parts* (relative to the root)?"""
@@ -129,7 +140,7 @@ class Matcher:
             return None, None
         if parts[0] in self.skip or any(self.excluded(p) for p in parts):
             return None, None
-        if not fnmatch.fnmatchcase(parts[-1], self.pattern):
+        if self._pattern_re.match(parts[-1]) is None:
             return None, None
         last = parts[-1][: len(parts[-1]) - len(self.suffix)] if self.suffix else parts[-1]
         if not last:

@@ -81,7 +81,6 @@ def scan(tracker: Tracker, ws: WatchState, cache: dict[str, CacheEntry] | None =
     assert ws.store is not None and ws.root_fd is not None
     started = time.monotonic()
     outcomes: Counter[str] = Counter()
-    ws.store.sweep_tmp(ws.root_fd)
     seen: set[str] = set()
     total = (len(cache) if cache else count_files(ws)) if progress is not None else 0
     for done, (parts, entry) in enumerate(walk(ws), 1):

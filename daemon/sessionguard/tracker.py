@@ -266,7 +266,9 @@ class Tracker:
         elif ws.cfg.pin == "zstd":
             pst = pins.write(case.sid, compress(live.data))
         else:
-            cloned = pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes) if ws.cfg.pin == "auto" else None
+            # ws.pin_method was probed once at bring-up: on a filesystem without reflinks every
+            # attempt would cost a tmp file made, a failed FICLONE and an unlink per pin
+            cloned = pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes) if ws.pin_method == "reflink" else None
             if cloned is None:
                 pst = pins.write(case.sid, live.data)
             else:
