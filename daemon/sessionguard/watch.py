@@ -1,10 +1,12 @@
-"""watchdog observer → per-path coalesced queue → one worker calling ``Tracker.evaluate``.
+"""watchdog's inotify → per-path coalesced queue → one worker calling ``Tracker.evaluate``.
 
-watchdog's observer produces events; our handler only puts each path on a
-FIFO queue that coalesces repeats (a path already waiting is not queued
-twice, and keeps its place). One worker thread drains the queue, so a burst
-of writes to one session costs one evaluation, and evaluation never runs on
-watchdog's thread.
+A flat watch is a callback on watchdog's inotify reader (``InotifyFD``, the
+``sg-inotify`` thread) that puts each event's path on the queue; a recursive
+watch goes through watchdog's emitter and observer, which add the watches of
+sub-directories as they appear. The queue is FIFO and coalesces repeats (a
+path already waiting is not queued twice, and keeps its place). One worker
+thread drains it, so a burst of writes to one session costs one evaluation,
+and evaluation never runs on watchdog's threads.
 
 Which events matter (everything else, notably ``IN_MODIFY``, is filtered out
 in the kernel mask so a 400 KB write does not flood the queue): created (a
@@ -53,6 +55,11 @@ from .watchstate import WatchState
 COOKIE_PREFIX = ".sessionguard-sync"
 _EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent,
                                         DirDeletedEvent, DirMovedEvent]
+#: What a flat watch asks the kernel for: the same changes as ``_EVENTS``, on names in
+#: the directory; never through a symlink, only on a directory.
+_FLAT_MASK = Mask(InotifyConstants.IN_CREATE | InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_MOVED_FROM
+                  | InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_DELETE | InotifyConstants.IN_DELETE_SELF
+                  | InotifyConstants.IN_DONT_FOLLOW | InotifyConstants.IN_ONLYDIR)
 #: Adds nothing to an existing watch's mask (IN_DELETE_SELF is always in it): what the
 #: overflow sentinel registers with, so the emitter's narrow mask stays as it is.
 _SENTINEL_MASK = Mask(InotifyConstants.IN_MASK_ADD | InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_DONT_FOLLOW)
@@ -127,6 +134,30 @@ class _Handler(FileSystemEventHandler):
                 self._put(os.fsdecode(path))
 
 
+class _FlatCallback:
+    """A flat watch served straight from watchdog's inotify reader: each event's name goes
+    onto the queue.
+
+    The emitter and observer (move pairing, event objects, a dispatcher thread) cost
+    about a third of the daemon's CPU per write and give a flat watch nothing: the
+    worker looks at a path, whatever happened to it. Recursive watches keep them (the
+    emitter adds and drops the sub-directories' watches)."""
+
+    def __init__(self, root: str, put: Callable[[str], None], count: Callable[[], None]) -> None:
+        self._root, self._put, self._count = root, put, count
+
+    def on_event(self, event: InotifyEvent) -> None:
+        if event.name:
+            self._count()
+            self._put(os.path.join(self._root, os.fsdecode(event.name)))
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        pass  # the supervisor notices a directory gone within a second
+
+    def on_queue_overflow(self) -> None:
+        pass  # the shared sentinel reports it, once
+
+
 class _OverflowSentinel:
     """A watchdog ``WatchCallback`` that only listens for queue overflows."""
 
@@ -179,7 +210,8 @@ class Watcher:
         #: instance limit may refuse; the daemon then polls and schedule() tries again.
         self.observer: _Observer | None = None
         self._on_overflow = on_overflow
-        self._scheduled: dict[str, tuple[ObservedWatch, WatchDescriptor]] = {}
+        #: root → (the emitter's watch, recursive only; the inotify watch; our callbacks on it)
+        self._scheduled: dict[str, tuple[ObservedWatch | None, WatchDescriptor, list[CallbackId]]] = {}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="sessionguard-worker", daemon=True)
         self._cookies: dict[str, threading.Event] = {}
@@ -199,25 +231,41 @@ class Watcher:
             observer = _Observer(self._on_overflow)
             observer.start()
             self.observer = observer
-        handler = _Handler(self.queue.put, lambda: self.tracker.stats.bump("events"))
-        watch = self.observer.schedule(handler, ws.root, recursive=ws.cfg.recursive, event_filter=_EVENTS)
+        inotify, root = self.observer.inotify, os.fsencode(ws.root)
+        count = self._count_event
+        callbacks: list[CallbackId] = [self.observer.sentinel_id]
+        watch = None
+        if ws.cfg.recursive:
+            watch = self.observer.schedule(_Handler(self.queue.put, count), ws.root, recursive=True,
+                                           event_filter=_EVENTS)
+        else:
+            flat = _FlatCallback(ws.root, self.queue.put, count)
+            callbacks.append(CallbackId(id(flat)))
+            flat_wd = inotify.add_callback(root, _FLAT_MASK, flat, callbacks[-1])
         try:
-            wd = self.observer.inotify.add_callback(os.fsencode(ws.root), _SENTINEL_MASK, self.observer.sentinel,
-                                                    self.observer.sentinel_id)
+            wd = inotify.add_callback(root, _SENTINEL_MASK, self.observer.sentinel, self.observer.sentinel_id)
         except OSError:
-            self.observer.unschedule(watch)
+            if watch is not None:
+                self.observer.unschedule(watch)
+            else:
+                inotify.remove_callbacks([(flat_wd, callbacks[-1])])
             raise
-        self._scheduled[ws.root] = (watch, wd)
+        self._scheduled[ws.root] = (watch, wd, callbacks)
+
+    def _count_event(self) -> None:
+        self.tracker.stats.bump("events")
 
     def unschedule(self, ws: WatchState) -> None:
         entry = self._scheduled.pop(ws.root, None)
         if entry is None or self.observer is None:
             return
-        watch, wd = entry
+        watch, wd, callbacks = entry
         try:
-            self.observer.inotify.remove_callbacks([(wd, self.observer.sentinel_id)])
+            self.observer.inotify.remove_callbacks([(wd, cid) for cid in callbacks])
         except OSError:
             pass  # the watch went with its directory
+        if watch is None:
+            return
         try:
             self.observer.unschedule(watch)
         except (KeyError, OSError):
