@@ -157,6 +157,7 @@ def over_tree(work: Path, n: int, empty: dict[str, Any]) -> dict[str, Any]:
         log(f"  {n:,} sessions generated in {pc() - t:.1f}s; floor pass")
         floor1 = floor_first_start(d, copy)
         shutil.rmtree(copy)
+        os.sync()  # the copy's removal must not still be written back while the daemon starts
         log(f"  floor {floor1['seconds']}s; first start")
         first = one_start(work, d, 7200)
         log(f"  first start {first['launch_to_ready_s']}s; restart floor and restart")
