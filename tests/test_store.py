@@ -208,9 +208,11 @@ def test_the_byte_cap_evicts_deleted_short_lived_sessions_first(sdir: Path) -> N
             assert store.usage() == walk_usage(store)
         evicted = [(v.sid, v.count) for k in kept for v in k.evicted]
         # the name that lived seconds goes first, then the one that lived weeks, then the live
-        # session's oldest unprotected version (20: most messages, 17: newest and restore candidate)
-        assert evicted == [("seconds", 20), ("weeks", 20), (SID, 19)]
-        assert [v.count for v in store.versions.of(SID)] == [20, 18, 17]
+        # session's oldest unprotected versions (20: most messages, 17: newest and restore
+        # candidate); each time the cap needs room it frees down to 90% of it (two versions here)
+        assert evicted == [("seconds", 20), ("weeks", 20), (SID, 19), (SID, 18)]
+        assert [len(k.evicted) for k in kept] == [0, 2, 0, 2]
+        assert [v.count for v in store.versions.of(SID)] == [20, 17]
         assert store.usage()[1] <= 3 * one
         assert not any(k.over_cap for k in kept)
         assert not (Path(store.where) / "sessions" / "seconds").exists()  # its folder went with its last version
@@ -245,6 +247,33 @@ def test_the_cap_holds_when_the_library_shares_the_store(sdir: Path) -> None:
         assert walk_usage(daemon)[1] <= 3 * one or daemon.over_cap()  # held, or at least reported
     finally:
         daemon.close()
+
+
+def test_over_the_cap_with_only_protected_versions_the_next_walk_waits_for_a_tenth_more(sdir: Path) -> None:
+    """Live sessions' newest versions are protected: over the cap with only those, every
+    further version must not walk every folder again (a flood would cost a walk each). The
+    next walk comes once the store grew by a tenth of the cap; it then finds what became
+    removable meanwhile (a session deleted since)."""
+    def keep(sid: str, n: int) -> Captured:
+        store.pins.write(sid, orjson.dumps(make_session(n, sid)))
+        with store.lock(sid):
+            got = store.capture(sid, parse(b"{}", KEY), spec=KEY, intent_keys=(), source="daemon")
+        assert got is not None
+        return got
+
+    one = len(orjson.dumps(make_session(20, "s00000000000")))
+    store, _ = open_store(sdir, Retention(keep_last=100, max_store_bytes=3 * one))
+    try:
+        for i in range(4):  # four live sessions, one protected version each: over the cap
+            got = keep(f"s{i:011d}", 20)
+        assert got.kept.over_cap and not got.kept.evicted
+        store.pins.drop("s00000000000")  # deleted since: its version is no longer protected
+        small = keep("s00000000009", 1)  # far less than a tenth of the cap: no walk yet
+        assert small.kept.over_cap and not small.kept.evicted
+        grown = keep("s00000000008", 20)  # past a tenth more: the walk finds the deleted one
+        assert [v.sid for v in grown.kept.evicted] == ["s00000000000"]
+    finally:
+        store.close()
 
 
 @pytest.mark.xfail(strict=True, reason="Store._lifetime takes a deleted session's birth from its last version's "
@@ -624,3 +653,28 @@ def test_an_intended_clear_after_a_restore_is_never_undone(store: Store, sdir: P
     cleared = capture(store, data(0, clear_generation="b"), keys=("clear_generation",))  # the user clears it
     assert cleared is not None and cleared.reason == "intended"
     assert restore_candidate(store.versions.of(SID)) is None
+
+
+def test_a_store_renamed_in_its_directory_is_still_in_place_one_moved_out_or_deleted_is_not(tmp_path: Path) -> None:
+    """The supervisor keeps using a store its directory's owner renamed (and puts it back);
+    only a store deleted or moved out of the directory is replaced by a fresh one."""
+    from sessionguard import storedir
+
+    sdir, other = tmp_path / "s", tmp_path / "other"
+    sdir.mkdir()
+    other.mkdir()
+    parent = fsutil.open_root(str(sdir))
+    store, _ = Store.open(parent, where=str(sdir / ".sessionguard"), expect_uid=os.geteuid(), max_bytes=1 << 26)
+    try:
+        assert store.in_place() and store.displaced() is None
+        os.rename(sdir / ".sessionguard", sdir / ".elsewhere")
+        assert store.in_place() and store.displaced() == "it was removed or renamed away"
+        assert store.reclaim() and store.displaced() is None
+        os.rename(sdir / ".sessionguard", other / "moved")
+        assert not store.in_place() and not store.reclaim()
+        rmtree(str(other / "moved"))
+        assert not store.in_place()
+        assert not storedir.still_in(parent, store.fd)
+    finally:
+        store.close()
+        os.close(parent)

@@ -44,6 +44,8 @@ from .versions import SESSIONS_DIR, Versions
 FORMAT = 2
 STORE_DIRNAME = ".sessionguard"
 README = storedir.README
+#: When the byte cap needs room, versions go until the store is at this share of it.
+CAP_LOW_WATER = 0.9
 #: Stale temporary files of a live process are left alone for this long.
 _TMP_GRACE_SECONDS = 3600
 
@@ -91,6 +93,8 @@ class Store:
         self.versions = Versions(storedir.subdir(fd, SESSIONS_DIR, owner, where), owner, fd)
         self.locks = Locks(fd)
         storedir.own_file(fd, LOCK_FILE, owner)
+        #: After a cap walk that found only protected versions: no walk below this total.
+        self._walk_again_at = 0
 
     # -- opening -----------------------------------------------------------------------
 
@@ -136,6 +140,11 @@ class Store:
         its name. We keep working through our descriptor meanwhile.
         """
         return storedir.displaced(self.parent_fd, self.name, self.ident)
+
+    def in_place(self) -> bool:
+        """The store's directory is still in the directory it was opened in, under whatever
+        name: see :func:`storedir.still_in`."""
+        return storedir.still_in(self.parent_fd, self.fd)
 
     def reclaim(self) -> bool:
         """Put the store back under its name after it was renamed away (see
@@ -248,24 +257,35 @@ class Store:
 
     def enforce_cap(self) -> tuple[list[Version], bool]:
         """Remove versions until the store's versions fit ``max_store_bytes``:
-        ``(removed, still_over)``. Sessions locked by someone else are skipped."""
+        ``(removed, still_over)``. Sessions locked by someone else are skipped.
+
+        Choosing what goes needs every version folder (not the pins, not the
+        sessions), so when the cap needs room it frees down to :data:`CAP_LOW_WATER`
+        of it: a flood of new versions walks the folders once per tenth of the cap,
+        not after every version. When only protected versions are left, the next
+        walk waits until the store has grown by another tenth."""
         cap = self.retention.max_store_bytes
-        if not self.over_cap():
+        total = self.versions.total_bytes
+        if cap <= 0 or total <= cap:
+            self._walk_again_at = 0
             return [], False
-        pinned = set(self.pins.sids())
+        if total < self._walk_again_at:
+            return [], True
         table = []
         for sid in self.versions.sids():
             vs = self.versions.of(sid)
-            table.append(SessionVersions(vs, None if sid in pinned else self._lifetime(vs)))
+            table.append(SessionVersions(vs, None if self.pins.stat(sid) else self._lifetime(vs)))
         removed: list[Version] = []
-        for v in over_cap(table, self.versions.total_bytes, cap):
+        for v in over_cap(table, total, int(cap * CAP_LOW_WATER)):
             try:
                 with self.lock(v.sid, wait=0):
                     self.versions.remove(v.sid, [v])
             except StoreError:
                 continue
             removed.append(v)
-        return removed, self.over_cap()
+        still_over = self.over_cap()
+        self._walk_again_at = self.versions.total_bytes + cap // 10 if still_over else 0
+        return removed, still_over
 
     def _lifetime(self, versions: list[Version]) -> float:
         """How long a deleted session existed: from its birth (the pin's mtime, which its

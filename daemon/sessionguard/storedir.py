@@ -57,7 +57,7 @@ def open_checked(parent_fd: int, name: str, *, where: str, expect_uid: int, owne
     made; otherwise :class:`StoreError` says why and nothing is touched.
     """
     fd = _open_dir(parent_fd, name, create, owner)
-    why = _refusal(fd, expect_uid)
+    why = _refusal(fd, expect_uid) if fd >= 0 else _what_is_there(parent_fd, name)
     if why is None:
         return fd, None
     if fd >= 0:
@@ -70,16 +70,22 @@ def open_checked(parent_fd: int, name: str, *, where: str, expect_uid: int, owne
     return _open_dir(parent_fd, name, True, owner), notice
 
 def _open_dir(parent_fd: int, name: str, create: bool, owner: Owner) -> int:
-    """The directory *name*, made when missing; -1 for a symlink or a file there."""
+    """The directory *name*, made when missing; -1 for a symlink, a file or another user's
+    directory we may not enter there (a 0700 one planted before a daemon that is not root)."""
     try:
         return fsutil.open_dir(name, at=parent_fd)
     except FileNotFoundError:
         if not create:
             raise
+    except PermissionError:
+        st = fsutil.lstat_at(parent_fd, name)
+        if st is None or st.st_uid == os.geteuid():
+            raise
+        return -1
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
-        return -1  # refused by _refusal
+        return -1
     try:
         os.mkdir(name, 0o700, dir_fd=parent_fd)
     except FileExistsError:
@@ -96,9 +102,19 @@ def _give(fd: int, owner: Owner) -> None:
         os.fchown(fd, *owner)
 
 
+def _what_is_there(parent_fd: int, name: str) -> str:
+    """Why what has the store's name could not even be opened (described by its lstat)."""
+    st = fsutil.lstat_at(parent_fd, name)
+    if st is None:
+        return "vanished while it was checked"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if stat.S_ISDIR(st.st_mode):
+        return f"belongs to uid {st.st_uid} and is closed to us"
+    return "is not a directory"
+
+
 def _refusal(fd: int, expect_uid: int) -> str | None:
-    if fd < 0:
-        return "is a symlink or not a directory"
     st = os.fstat(fd)
     if st.st_uid != expect_uid:
         return f"belongs to uid {st.st_uid}, not {expect_uid}"
@@ -164,6 +180,23 @@ def displaced(parent_fd: int, name: str, ident: tuple[int, int]) -> str | None:
     if (st.st_dev, st.st_ino) != ident:
         return "something else took its name"
     return None
+
+
+def still_in(parent_fd: int, fd: int) -> bool:
+    """Whether the directory *fd* is still an entry of *parent_fd* (by its ``..``): not deleted
+    (only root can delete a store: it is never empty) and not moved out (its owner's store,
+    ``store_owner = "directory"``, can be). A store merely renamed in place is."""
+    if os.fstat(fd).st_nlink == 0:
+        return False
+    try:
+        up = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    except OSError:
+        return False
+    try:
+        a, b = os.fstat(up), os.fstat(parent_fd)
+    finally:
+        os.close(up)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def reclaim(parent_fd: int, name: str, ident: tuple[int, int]) -> bool:

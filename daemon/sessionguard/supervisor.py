@@ -62,6 +62,7 @@ class _Status:
 
     failed: str | None = None
     polled: str | None = None
+    displaced: bool = False  # the store is renamed away and ``degraded`` says so
 
 
 class Supervisor:
@@ -284,22 +285,38 @@ class Supervisor:
             passes.scan(self.tracker, ws, stop=self.stopping)
 
     def _check_store(self, ws: WatchState) -> None:
-        """A store renamed away by the directory's owner is put back; one that vanished
-        is made again (and every session pinned again by a scan)."""
+        """A store renamed away by the directory's owner is put back; one that was deleted
+        or moved out of the directory is made again (and every session pinned again by a scan).
+
+        A store that is merely elsewhere in the directory is never given up: every
+        pin and version goes through its descriptor, which still works. If putting it
+        back fails (the owner keeps renaming it), it stays in use, ``degraded`` says
+        so, and the next second tries again."""
         store = ws.store
         if store is None:
             return
         why = store.displaced()
         key = f"store:{store.where}"
-        if why is None:
-            return
-        try:
-            if store.reclaim():
-                self.log.error("store.reclaimed", watch=ws.root, store=store.where, why=why,
-                               action="moved back under its name; what took its name was moved aside")
+        status = self._status.setdefault(ws.root, _Status())
+        if why is not None and store.in_place():
+            try:
+                if store.reclaim():
+                    self.log.error("store.reclaimed", watch=ws.root, store=store.where, why=why,
+                                   action="moved back under its name; what took its name was moved aside")
+                    why = None
+            except OSError:
+                pass  # renamed again meanwhile: still ours, still in use
+            if why is not None:
+                status.displaced = True
+                self.stats.degrade(key, f"{store.where}: renamed away by the directory's owner and not yet put "
+                                        "back; in use all the same (through its descriptor), put back once it "
+                                        "holds still")
                 return
-        except OSError as exc:
-            why = f"{why}; putting it back failed: {exc.strerror or exc}"
+        if why is None:
+            if status.displaced:
+                status.displaced = False
+                self.stats.degrade(key, None)
+            return
         self.log.error("store.vanished", watch=ws.root, store=store.where, why=why,
                        action="a fresh store is made and every session pinned again")
         self.stats.degrade(key, f"{store.where}: {why}")
