@@ -91,8 +91,19 @@ def header(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def targets(built: list[Table]) -> Table:
+    """Every row that has a verdict, gathered: the run's targets at a glance."""
+    t = Table("Targets")
+    for table in built:
+        section = table.title.split(":", 1)[0].split(" (", 1)[0]
+        for measure, value, base, r, target, verdict in table.rows:
+            if verdict:
+                t.rows.append((f"{section} — {measure}", value, base, r, target, verdict))
+    return t
+
+
 def render(res: dict[str, Any], builders: list[tuple[str, Callable[[Any], Table]]]) -> str:
-    parts = [header(res)]
+    built: list[Table] = []
     for key, build in builders:
         sec = res.get(key)
         if sec is None:
@@ -100,7 +111,8 @@ def render(res: dict[str, Any], builders: list[tuple[str, Callable[[Any], Table]
         if isinstance(sec, dict) and ("error" in sec or "skipped" in sec):
             t = Table(key)
             t.note(f"{key}: NOT RUN — {sec.get('error') or sec.get('skipped')}")
-            parts.append(t.render())
+            built.append(t)
             continue
-        parts.append(build(sec).render())
+        built.append(build(sec))
+    parts = [header(res), targets(built).render(), *(t.render() for t in built)]
     return "\n\n".join(p for p in parts if p) + "\n"

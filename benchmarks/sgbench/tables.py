@@ -126,7 +126,7 @@ def _starts(t: Table, n: str, row: dict[str, Any], *, scale: bool) -> None:
 
 
 def startup(s: dict[str, Any]) -> Table:
-    t = Table("3. Start-up over small (5-message) sessions")
+    t = Table("3. Start-up: small (5-message) sessions")
     for n, row in s["sizes"].items():
         _starts(t, f"{int(n):,} sessions", row, scale=False)
     return t
