@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -9,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,27 @@ class DaemonProc:
 
     def assert_alive(self) -> None:
         assert self.proc.poll() is None, f"daemon died ({self.proc.returncode}):\n{self.text()}"
+
+
+# one thread of another process, stopped by ptrace(2) while the rest runs
+
+_PTRACE_SEIZE, _PTRACE_INTERRUPT, _PTRACE_DETACH = 0x4206, 0x4207, 17
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def stopped_thread(pid: int, comm: str) -> Iterator[None]:
+    """Stop the thread named *comm* of process *pid* (ptrace seize + interrupt: only
+    that thread stops) for the duration of the block. Root only."""
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")
+            if Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() == comm]
+    assert len(tids) == 1, f"threads named {comm!r}: {tids}"
+    tid = tids[0]
+    if _libc.ptrace(_PTRACE_SEIZE, tid, None, None) != 0:
+        raise OSError(ctypes.get_errno(), f"ptrace(SEIZE) of thread {comm!r}")
+    try:
+        assert _libc.ptrace(_PTRACE_INTERRUPT, tid, None, None) == 0
+        os.waitpid(tid, 0x40000000)  # __WALL: the thread is stopped now
+        yield
+    finally:
+        _libc.ptrace(_PTRACE_DETACH, tid, None, None)

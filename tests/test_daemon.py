@@ -7,12 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import orjson
 import pytest
 
-from daemonproc import DaemonProc, eventually
+from daemonproc import DaemonProc, eventually, stopped_thread
 from sessionguard import Guard
 from sessionguard.count import CountSpec, parse
 from sghelpers import make_session, needs_root, pin_count, reconciliations, server_write, store_of, store_versions
@@ -342,6 +343,34 @@ def test_queue_overflow_flood_still_catches_the_shrink(sdir, daemons) -> None:
     d.wait_event("watch.overflow")
     assert kept(sdir, 1000).reason == "shrink"
     assert d.call("status")["overflows"] >= 1
+    d.assert_alive()
+
+
+@needs_root
+def test_a_sync_whose_cookie_was_lost_in_an_overflow_is_answered_by_the_rescan(sdir, daemons) -> None:
+    """``sync`` waits for its cookie file's event; an overflow can drop that event. The
+    rescan the overflow starts looks at every file later than the call, so it answers the
+    call: ``synced`` true at once, not false after the whole timeout."""
+    knob = Path("/proc/sys/fs/inotify/max_queued_events")
+    old = knob.read_text()
+    knob.write_text("64\n")  # read at inotify_init: the daemon started below gets a tiny queue
+    try:
+        server_write(sdir / f"{SID}.json", make_session(1000))
+        d = daemons("--watch", str(sdir), "--reconcile-interval", "3600")
+    finally:
+        knob.write_text(old)
+    answer: list[object] = []
+    with stopped_thread(d.proc.pid, "sg-inotify"):  # the kernel queue fills, nothing reads it
+        subprocess.run(f"cd {sdir} && seq 1 200 | sed 's/^/_noise/; s/$/.json/' | xargs touch", shell=True,
+                       check=True)
+        caller = threading.Thread(target=lambda: answer.append(d.call("sync", {"timeout": 120}, timeout=150)))
+        caller.start()
+        eventually(lambda: [n for n in os.listdir(sdir) if n.startswith(".sessionguard-sync")],
+                   what="the sync's cookie file, made while the queue is full")
+    caller.join(150)
+    assert answer == [{"synced": True}], d.text()
+    d.wait_event("watch.overflow")
+    assert len(d.events("scan.completed")) == 2  # the start-up scan and the overflow's rescan
     d.assert_alive()
 
 

@@ -43,13 +43,6 @@ def open_store(sdir: Path, retention: Retention | None = None, name: str = ".ses
 
 
 @pytest.fixture
-def sdir(tmp_path: Path) -> Path:
-    d = tmp_path / "sessions"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
 def store(sdir: Path) -> Iterator[Store]:
     s, notice = open_store(sdir)
     assert notice is None

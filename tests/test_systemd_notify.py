@@ -15,8 +15,6 @@ windows of silence chosen with wide margins around the daemon's own constants
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -27,13 +25,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from daemonproc import DaemonProc, eventually
+from daemonproc import DaemonProc, eventually, stopped_thread
 from sessionguard.locks import LOCK_FILE, session_byte
 from sgbackend import rmtree, short_tmpdir
 from sghelpers import IS_ROOT, make_session, pin_count, server_write, store_versions
@@ -41,31 +39,6 @@ from sghelpers import IS_ROOT, make_session, pin_count, server_write, store_vers
 WATCHDOG_USEC = 2_000_000
 N_FILES = 200
 SID = "abc123def456"
-
-
-# --------------------------------------------------------------------------- #
-# one thread of another process, stopped by ptrace(2) while the rest runs
-
-_PTRACE_SEIZE, _PTRACE_INTERRUPT, _PTRACE_DETACH = 0x4206, 0x4207, 17
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def stopped_thread(pid: int, comm: str) -> Iterator[None]:
-    """Stop the thread named *comm* of process *pid* (ptrace seize + interrupt: only
-    that thread stops) for the duration of the block. Root only."""
-    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")
-            if Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() == comm]
-    assert len(tids) == 1, f"threads named {comm!r}: {tids}"
-    tid = tids[0]
-    if _libc.ptrace(_PTRACE_SEIZE, tid, None, None) != 0:
-        pytest.fail(f"ptrace(SEIZE) failed: {os.strerror(ctypes.get_errno())}")
-    try:
-        assert _libc.ptrace(_PTRACE_INTERRUPT, tid, None, None) == 0
-        os.waitpid(tid, 0x40000000)  # __WALL: the thread is stopped now
-        yield
-    finally:
-        _libc.ptrace(_PTRACE_DETACH, tid, None, None)
 
 
 # --------------------------------------------------------------------------- #

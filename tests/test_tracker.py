@@ -85,13 +85,6 @@ class Env:
 
 
 @pytest.fixture
-def sdir(tmp_path: Path) -> Path:
-    d = tmp_path / "sessions"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
 def env(sdir: Path) -> Iterator[Env]:
     e = Env(sdir)
     yield e

@@ -241,7 +241,10 @@ class Daemon:
         if self._rescan.is_set():
             self._rescan.clear()
             for ws in available:
-                passes.scan(self.tracker, ws, stop=self._maint_stop.is_set)
+                waiting = self.watcher.pending_syncs(ws)
+                if not passes.scan(self.tracker, ws, stop=self._maint_stop.is_set).get("abandoned"):
+                    for done in waiting:
+                        done.set()
             self._next_reconcile = time.monotonic() + self.cfg.reconcile_interval
         for ws in self.tracker.watches:
             self.supervisor.check(ws)

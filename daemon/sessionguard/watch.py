@@ -143,12 +143,20 @@ class _OverflowSentinel:
         self._on_overflow()
 
 
+class _InotifyFD(InotifyFD):
+    """watchdog's inotify reader thread, named ``sg-inotify`` for ``top -H`` and ``ps -L``."""
+
+    def run(self) -> None:
+        name_os_thread("sg-inotify")
+        super().run()
+
+
 class _Observer(BaseObserver):
     """watchdog's inotify observer, with its inotify instance in our hands so the
     overflow sentinel can be registered on it."""
 
     def __init__(self, on_overflow: Callable[[], None]) -> None:
-        self.inotify = InotifyFD()  # inotify_init: EMFILE at the instance limit
+        self.inotify = _InotifyFD()  # inotify_init: EMFILE at the instance limit
         self.inotify.start()
         super().__init__(InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self.inotify)
         self.sentinel = _OverflowSentinel(on_overflow)
@@ -294,6 +302,14 @@ class Watcher:
                     self._cookies.pop(os.path.join(ws.root, name), None)
                 if ws.root_fd is not None:
                     fsutil.unlink_quietly(ws.root_fd, name)
+
+    def pending_syncs(self, ws: WatchState) -> list[threading.Event]:
+        """The ``sync`` calls waiting on *ws* now. A rescan that starts after this call
+        and completes answers them: it looked at every file later than their call, and
+        their cookie's own event may have been lost in the overflow that caused it."""
+        prefix = os.path.join(ws.root, COOKIE_PREFIX)
+        with self._cookie_lock:
+            return [done for path, done in self._cookies.items() if path.startswith(prefix)]
 
     def _cookie_seen(self, path: str) -> None:
         with self._cookie_lock:
