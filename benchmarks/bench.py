@@ -43,7 +43,7 @@ def _events(w: Path, quick: bool) -> dict[str, Any]:
         loads = [events.Load("small", 50, 5, 2000), events.Load("large", 10, 1000, 400)]
     else:
         loads = [events.Load("small", 200, 5, 10_000), events.Load("large", 20, 1000, 2000)]
-    return events.bench_events(w, loads, 1 if quick else 3, olddaemon.export(w), () if quick else ("large",))
+    return events.bench_events(w, loads, 1 if quick else 5, olddaemon.export(w), () if quick else ("large",))
 
 
 def _write_amp(w: Path, megabytes: float) -> dict[str, Any]:
@@ -53,16 +53,17 @@ def _write_amp(w: Path, megabytes: float) -> dict[str, Any]:
 
 def plan(quick: bool, scale: int | None) -> Plan:
     q = quick
-    docs = Docs(1300)
+    docs = Docs(1400)
     p: Plan = {
-        "embed": lambda w: embed.bench_embed(w, 40 if q else 300),
+        "embed": lambda w: embed.bench_embed(w, 40 if q else 500),
         "events": lambda w: _events(w, q),
-        "latency": lambda w: latency.bench_shrink_latency(w, 40 if q else 200, docs),
+        "latency": lambda w: latency.bench_shrink_latency(w, 40 if q else 300, docs),
         "startup": lambda w: startup.bench_startup(w, [10_000] if q else [100_000]),
-        "zstd": lambda w: zstdpins.bench_zstd(w, 20 if q else 60, 200 if q else 1200, 20 if q else 100, 1),
+        "zstd": lambda w: zstdpins.bench_zstd(w, 20 if q else 60, 200 if q else 1200, 20 if q else 100, 1 if q else 2),
         "write_amp": lambda w: _write_amp(w, 20 if q else 100),
         "write_amp_xfs": lambda w: writeamp.xfs_write_amp(w, 20 if q else 100, Path(__file__)),
-        "profile": lambda w: profiling.bench_profile(w, 10, 300 if q else 1500),
+        "profile": lambda w: {"large": profiling.bench_profile(w, 10, 1000, 300 if q else 1500),
+                              "small": profiling.bench_profile(w, 100, 5, 1000 if q else 6000)},
         "pinpath": lambda w: pinpath.bench_pinpath(w, 50 if q else 300),
     }
     if scale is not None:

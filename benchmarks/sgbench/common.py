@@ -107,6 +107,37 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
+def thread_ticks(pid: int) -> dict[str, tuple[str, int, int]]:
+    """Every thread of *pid*: its kernel name and (utime, stime) in clock ticks."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        out[tid] = (name, int(fields[11]), int(fields[12]))
+    return out
+
+
+#: The daemon's threads by kernel name (``sg-*``: named by the daemon; watchdog's emitter and
+#: dispatcher and the control threads keep the process's name).
+THREAD_GROUPS = {"sg-worker": "worker (evaluate + pin)", "sg-inotify": "inotify reader (watchdog InotifyFD)"}
+
+
+def cpu_by_thread(before: dict[str, tuple[str, int, int]], after: dict[str, tuple[str, int, int]],
+                  thousands: float) -> dict[str, dict[str, float]]:
+    """CPU ms per 1,000 units of work (*thousands* of them were done) by thread group, user and system."""
+    groups: dict[str, dict[str, float]] = {}
+    for tid, (name, user, system) in after.items():
+        _, u0, s0 = before.get(tid, (name, 0, 0))
+        g = groups.setdefault(THREAD_GROUPS.get(name, "other threads (watchdog emitter + dispatcher, control)"),
+                              {"user_ms": 0.0, "sys_ms": 0.0})
+        g["user_ms"] += (user - u0) / CLK_TCK * 1e3 / thousands
+        g["sys_ms"] += (system - s0) / CLK_TCK * 1e3 / thousands
+    return {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in groups.items()}
+
+
 def proc_io(pid: int | str) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():

@@ -34,6 +34,7 @@ from sessionguard.rules import Identity, replaced
 from .common import (
     DaemonProc,
     Docs,
+    cpu_by_thread,
     fresh,
     median,
     pc,
@@ -42,6 +43,7 @@ from .common import (
     ratio,
     server_write,
     start_daemon,
+    thread_ticks,
 )
 
 NOCHECK = Path(__file__).with_name("nocheck.py")
@@ -89,6 +91,7 @@ def _one(work: Path, load: Load, docsets: list[Docs], mode: str, old_env: dict[s
             proc.sync(120)
             row["idle_sync_ms"] = round((pc() - t) * 1e3, 2)
             cpu0, split0 = proc_cpu_s(proc.proc.pid), proc_cpu_split(proc.proc.pid)
+            threads0 = thread_ticks(proc.proc.pid)
             st0 = proc.call("status")
         t0 = pc()
         for k in range(load.writes):
@@ -100,6 +103,8 @@ def _one(work: Path, load: Load, docsets: list[Docs], mode: str, old_env: dict[s
             proc.sync(300)
             t2 = pc()
             cpu1, split1 = proc_cpu_s(proc.proc.pid), proc_cpu_split(proc.proc.pid)
+            row["cpu_by_thread_per_1000_writes"] = cpu_by_thread(threads0, thread_ticks(proc.proc.pid),
+                                                                 load.writes / 1000)
             st1 = proc.call("status")
             evals = st1["evaluations"] - st0["evaluations"]
             row.update(drain_ms=round((t2 - t1) * 1e3, 2),
@@ -155,6 +160,12 @@ def _check_cost(paths: list[str], docsets: list[Docs], load: Load) -> dict[str, 
     return {"us_per_evaluation": round(us, 2), "evaluations_timed": loops * len(cases)}
 
 
+def _thread_medians(rs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    groups = {g for r in rs for g in r["cpu_by_thread_per_1000_writes"]}
+    return {g: {k: median([r["cpu_by_thread_per_1000_writes"].get(g, {}).get(k, 0.0) for r in rs])
+                for k in ("user_ms", "sys_ms")} for g in sorted(groups)}
+
+
 def _summary(load: Load, runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
     base = [r for r in runs if r["mode"] == "none"]
     base_rate = median([r["writes_per_s"] for r in base])
@@ -171,6 +182,7 @@ def _summary(load: Load, runs: list[dict[str, Any]], modes: list[str]) -> dict[s
         m["errors"] = sum(r["errors"] for r in rs)
         m["ratio_writes_per_s_vs_none"] = ratio(m["writes_per_s"], base_rate)
         m["ratio_cpu_vs_floor"] = ratio(m["cpu_ms_per_1000_writes"], floor)
+        m["cpu_by_thread_per_1000_writes"] = _thread_medians(rs)
         if mode == "new":
             check_ms = check_us * m["evaluations_per_write"]  # µs per write = ms per 1,000 writes
             m["check_ms_per_1000_writes"] = round(check_ms, 2)

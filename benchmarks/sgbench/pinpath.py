@@ -36,8 +36,12 @@ def _write(dir_fd: int, name: str, data: bytes) -> None:
         os.close(fd)
 
 
-def bench_pinpath(work: Path, iters: int, messages: int = 1000) -> dict[str, Any]:
-    d = fresh(work, "pinpath")
+def bench_pinpath(work: Path, iters: int) -> dict[str, Any]:
+    return {"large": _ops(work, iters, 1000), "small": _ops(work, iters, 5)}
+
+
+def _ops(work: Path, iters: int, messages: int) -> dict[str, Any]:
+    d = fresh(work, f"pinpath-{messages}")
     data = orjson.dumps(Docs(messages)(messages), option=orjson.OPT_INDENT_2)
     dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     live = "live.json"
@@ -67,7 +71,7 @@ def bench_pinpath(work: Path, iters: int, messages: int = 1000) -> dict[str, Any
         pending.discard()
 
     ops: dict[str, Callable[[], object]] = {
-        "open+read live (450 KB)": read_live,
+        "open + read the live file": read_live,
         "parse (orjson.loads)": lambda: orjson.loads(data),
         "pin: write tmp + rename over the old pin": pin_rename_over,
         "pin: write tmp + RENAME_EXCHANGE + unlink": pin_exchange_unlink,
@@ -86,6 +90,7 @@ def bench_pinpath(work: Path, iters: int, messages: int = 1000) -> dict[str, Any
         os.close(live_fd)
         os.close(dir_fd)
     return {
+        "messages": messages,
         "session_bytes": len(data),
         "iterations": iters,
         "ops": {k: {"cpu_ms_median": round(statistics.median(cpu[k]) * 1e3, 4),

@@ -1,19 +1,21 @@
-"""Where the daemon's CPU goes on the event path: py-spy attached to the real daemon under load.
+"""Where the daemon's time goes on the event path: py-spy attached to the real daemon under load.
 
-The writer of section 2a (1,000-message sessions, each write appending one
-message) runs while ``py-spy record`` samples every thread of the daemon
-(``--format raw``: one line per distinct stack, each frame with its current
-line). Idle threads are not sampled (py-spy's default), so the samples
-are where the daemon was running or in a system call. Each function's
-*inclusive* share is the fraction of samples with it anywhere on the stack;
-its *self* share, the samples where it is the innermost Python frame (time in
-C code and in system calls called from it counts as its self time: orjson's
-parse is the self time of ``count._loads``).
+The writer of section 2a (each write appending one message) runs while
+``py-spy record`` samples every thread of the daemon (``--format raw``: one
+line per distinct stack, each frame with its current line). Two views:
 
-py-spy's own idle detection does not work here (threads blocked in
-``Condition.wait`` or ``select`` are sampled), so samples whose innermost frame
-is one of :data:`WAITING` are counted as idle and left out of the shares; the
-active samples divided by the rate are compared with the CPU /proc measured.
+* CPU by thread, from /proc (``utime``/``stime`` of each task): the worker
+  that evaluates and pins, watchdog's inotify reader, and the other threads
+  (watchdog's emitter and dispatcher, control). This is CPU, exactly.
+* Where busy threads are, from py-spy: a sample counts when the thread is
+  running *or inside a system call* (py-spy cannot tell them apart), so the
+  shares are of busy time, not of CPU — a rename that waits for the journal
+  counts. Samples whose innermost frame is one of :data:`WAITING` (a thread
+  waiting for work: py-spy's own idle detection does not work here) are left
+  out. A function's *inclusive* share counts samples with it anywhere on the
+  stack; its *self* share, samples where it is the innermost Python frame
+  (time in C code and system calls counts as the caller's: orjson's parse is
+  the self time of ``count._loads``).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .common import Docs, fresh, proc_cpu_s, server_write, start_daemon
+from .common import Docs, cpu_by_thread, fresh, proc_cpu_s, server_write, start_daemon, thread_ticks
 
 #: Our own names for the stages of one event, each matched against the frames of a stack.
 STAGES: dict[str, tuple[str, ...]] = {
@@ -93,30 +96,33 @@ def aggregate(raw: str, top: int = 25) -> dict[str, Any]:
             "inclusive": share(inclusive, top), "self": share(own, top), "self_lines": share(lines, top)}
 
 
-def bench_profile(work: Path, sessions: int, writes: int, rate: int = 200) -> dict[str, Any]:
-    spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).with_name("py-spy"))
+def bench_profile(work: Path, sessions: int, start_msgs: int, writes: int, rate: int = 200) -> dict[str, Any]:
+    """Profile the daemon while *writes* appending writes go round-robin to *sessions* sessions
+    of *start_msgs* messages."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         return {"skipped": "py-spy is not installed (.venv/bin/pip install py-spy)"}
-    docs = [Docs(1000 + writes // sessions + 2, sid=f"s{j:04d}") for j in range(sessions)]
+    docs = [Docs(start_msgs + writes // sessions + 2, sid=f"s{j:04d}") for j in range(sessions)]
     d = fresh(work, "profile")
     paths = [str(d / f"s{j:04d}.json") for j in range(sessions)]
     for j, p in enumerate(paths):
-        server_write(p, docs[j](1000))
-    out = work / "py-spy.txt"
+        server_write(p, docs[j](start_msgs))
+    out = work / f"py-spy-{start_msgs}.txt"
     proc = start_daemon(work, str(d))
     try:
         proc.sync(60)
         rec = subprocess.Popen([spy, "record", "-p", str(proc.proc.pid), "-o", str(out), "-f", "raw",
-                                "-r", str(rate), "--threads"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                "-r", str(rate), "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         proc.sync(60)  # py-spy attaches within this round trip's time; a few samples of idle start-up are fine
-        cpu0 = proc_cpu_s(proc.proc.pid)
+        cpu0, ev0 = proc_cpu_s(proc.proc.pid), proc.call("status")["evaluations"]
+        threads0 = thread_ticks(proc.proc.pid)
         for k in range(writes):
             j = k % sessions
-            server_write(paths[j], docs[j](1001 + k // sessions))
+            server_write(paths[j], docs[j](start_msgs + 1 + k // sessions))
         proc.sync(120)
         cpu = proc_cpu_s(proc.proc.pid) - cpu0
-        evals = proc.call("status")["evaluations"]
+        by_thread = cpu_by_thread(threads0, thread_ticks(proc.proc.pid), writes / 1000)
+        evals = proc.call("status")["evaluations"] - ev0
         rec.send_signal(signal.SIGINT)
         _, err = rec.communicate(timeout=60)
     finally:
@@ -125,7 +131,8 @@ def bench_profile(work: Path, sessions: int, writes: int, rate: int = 200) -> di
     if not out.exists():
         return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-300:]}"}
     result = aggregate(out.read_text())
-    result.update(writes=writes, sessions=sessions, rate_hz=rate, daemon_cpu_s=round(cpu, 3),
-                  active_sample_s=round(result.get("samples", 0) / rate, 3), evaluations=evals,
-                  cpu_ms_per_1000_writes=round(cpu / writes * 1e6, 1))
+    result.update(writes=writes, sessions=sessions, start_msgs=start_msgs, rate_hz=rate,
+                  daemon_cpu_s=round(cpu, 3), active_sample_s=round(result.get("samples", 0) / rate, 3),
+                  evaluations=evals, cpu_ms_per_1000_writes=round(cpu / writes * 1e6, 1),
+                  cpu_by_thread_per_1000_writes=by_thread)
     return result

@@ -65,6 +65,9 @@ def events(s: dict[str, Any]) -> Table:
               verdict=at_most(new["ratio_cpu_vs_floor"], 2.0) if label == "large" else "")
         t.add(f"{what}: evaluations per write; CPU per 1,000 evaluations",
               f"{new['evaluations_per_write']:.2f}; {_per_eval(new)} ms", "", None, "reported")
+        for group, c in new["cpu_by_thread_per_1000_writes"].items():
+            t.add(f"{what}: CPU per 1,000 writes in {group}", f"{c['user_ms'] + c['sys_ms']:.0f} ms",
+                  f"user {c['user_ms']:.0f} + system {c['sys_ms']:.0f} ms", None, "reported")
         if old:
             t.add(f"{what}: 0.1.0 writer rate", f"{old['writes_per_s']:.0f}/s", base, old["ratio_writes_per_s_vs_none"],
                   "reported")
@@ -144,7 +147,7 @@ def scale(s: dict[str, Any]) -> Table:
 def zstd(s: dict[str, Any]) -> Table:
     t = Table(f"5. Compressed pins: {s['sessions']} sessions of real text ({s['message_counts'][0]}–"
               f"{s['message_counts'][-1]} messages), {s['writes_per_run']:,} appending writes and "
-              f"{s['wipes_per_run']} wipes per run, {s['reps']} runs per method")
+              f"{s['wipes_per_run']} wipes per run, {s['reps']} run(s) per method")
     c, z, a, r = s["copy"], s["zstd"], s["auto"], s["ratios_zstd_vs_copy"]
     for mode, m in (("copy", c), ("zstd", z), ("auto", a)):
         t.add(f"pin = {mode}: pins' disk as a share of the sessions'",
@@ -193,26 +196,37 @@ def write_amp(s: dict[str, Any]) -> Table:
     return t
 
 
-def profile(s: dict[str, Any]) -> Table:
-    per = s["cpu_ms_per_1000_writes"]
-    t = Table(f"Profile of the event path: py-spy at {s['rate_hz']} Hz on the daemon, {s['writes']:,} appending "
-              f"writes to {s['sessions']} 1,000-message sessions ({per:.0f} ms CPU per 1,000 writes, "
-              f"{s['evaluations']} evaluations)")
-    for stage, share in s["stages"]:
-        t.add(f"stage: {stage}", f"{share * 100:.1f}% of active samples", f"≈ {share * per:.0f} ms per 1,000 writes")
-    for fn, share in s["self"][:12]:
-        t.add(f"self: {fn}", f"{share * 100:.1f}%", f"≈ {share * per:.0f} ms per 1,000 writes")
-    for fn, share in s["self_lines"][:8]:
-        t.add(f"self, by line: {fn}", f"{share * 100:.1f}%")
-    t.note(f"{s['samples']} active samples ({s['active_sample_s']} s at {s['rate_hz']} Hz) for {s['daemon_cpu_s']} s "
-           f"of daemon CPU measured from /proc; {s['idle_samples']} samples of waiting threads left out.")
+def profile(sections: dict[str, Any]) -> Table:
+    t = Table("Profile of the event path: the daemon while a writer appends (CPU from /proc, busy time from py-spy)")
+    for label, s in sections.items():
+        if "stages" not in s:
+            t.note(f"{label}: NOT RUN — {s.get('error') or s.get('skipped')}")
+            continue
+        what = f"{label} ({s['sessions']} × {s['start_msgs']}+ msgs)"
+        t.add(f"{what}: daemon CPU per 1,000 writes", f"{s['cpu_ms_per_1000_writes']:.0f} ms",
+              f"{s['evaluations'] / s['writes']:.2f} evaluations per write")
+        for group, c in s["cpu_by_thread_per_1000_writes"].items():
+            t.add(f"{what}: CPU in {group}", f"{c['user_ms'] + c['sys_ms']:.0f} ms per 1,000 writes",
+                  f"user {c['user_ms']:.0f} + system {c['sys_ms']:.0f} ms")
+        for stage, share in s["stages"]:
+            t.add(f"{what}, busy in: {stage}", f"{share * 100:.1f}%")
+        for fn, share in s["self"][:10]:
+            t.add(f"{what}, self: {fn}", f"{share * 100:.1f}%")
+        for fn, share in s["self_lines"][:6]:
+            t.add(f"{what}, self, by line: {fn}", f"{share * 100:.1f}%")
+        t.note(f"{what}: {s['writes']:,} writes, py-spy at {s['rate_hz']} Hz: {s['samples']} busy samples "
+               f"({s['active_sample_s']} s) against {s['daemon_cpu_s']} s of CPU; {s['idle_samples']} samples of "
+               "threads waiting for work left out. Percentages are of the busy samples (running or in a system call).")
     return t
 
 
-def pinpath(s: dict[str, Any]) -> Table:
-    t = Table(f"The event path's file operations one by one ({s['session_bytes']:,}-byte session, "
-              f"{s['iterations']} iterations, interleaved; medians)")
-    for name, o in s["ops"].items():
-        t.add(name, f"{o['cpu_ms_median']:.3f} ms CPU (mean {o['cpu_ms_mean']:.3f})",
-              f"wall {o['wall_ms_median']:.3f} ms")
+def pinpath(sections: dict[str, Any]) -> Table:
+    first = next(iter(sections.values()))
+    t = Table(f"The event path's file operations one by one ({first['iterations']} iterations each, interleaved; "
+              "medians)")
+    for label, s in sections.items():
+        for name, o in s["ops"].items():
+            t.add(f"{label} ({s['session_bytes']:,} bytes): {name}",
+                  f"{o['cpu_ms_median']:.3f} ms CPU (mean {o['cpu_ms_mean']:.3f})",
+                  f"wall {o['wall_ms_median']:.3f} ms")
     return t
