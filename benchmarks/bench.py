@@ -23,16 +23,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sgbench import embed, events, latency, olddaemon, pinpath, profiling, startup, tables, writeamp, zstdpins
+from sgbench import (
+    embed,
+    events,
+    latency,
+    olddaemon,
+    perfrec,
+    pinpath,
+    profiling,
+    startup,
+    tables,
+    writeamp,
+    zstdpins,
+)
 from sgbench.common import ROOT, Docs, loadavg, log, pc, wait_quiet
 from sgbench.report import Table, render
 
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("embed", "events", "latency", "startup", "zstd", "write_amp", "write_amp_xfs", "profile", "pinpath")
+SECTIONS = ("embed", "events", "latency", "startup", "zstd", "write_amp", "write_amp_xfs", "profile", "perf",
+            "pinpath")
 BUILDERS: list[tuple[str, Callable[[Any], Table]]] = [
     ("embed", tables.embed), ("events", tables.events), ("latency", tables.latency), ("startup", tables.startup),
     ("scale", tables.scale), ("zstd", tables.zstd), ("write_amp", tables.write_amp),
-    ("write_amp_xfs", tables.write_amp), ("profile", tables.profile), ("pinpath", tables.pinpath),
+    ("write_amp_xfs", tables.write_amp), ("profile", tables.profile), ("perf", tables.perf),
+    ("pinpath", tables.pinpath),
 ]
 
 Plan = dict[str, Callable[[Path], dict[str, Any]]]
@@ -64,6 +78,8 @@ def plan(quick: bool, scale: int | None) -> Plan:
         "write_amp_xfs": lambda w: writeamp.xfs_write_amp(w, 20 if q else 100, Path(__file__)),
         "profile": lambda w: {"large": profiling.bench_profile(w, 10, 1000, 300 if q else 1500),
                               "small": profiling.bench_profile(w, 100, 5, 1000 if q else 6000)},
+        "perf": lambda w: {"large": perfrec.bench_perf(w, 10, 1000, 300 if q else 1500),
+                           "small": perfrec.bench_perf(w, 100, 5, 1000 if q else 6000)},
         "pinpath": lambda w: pinpath.bench_pinpath(w, 50 if q else 300),
     }
     if scale is not None:

@@ -220,6 +220,20 @@ def profile(sections: dict[str, Any]) -> Table:
     return t
 
 
+def perf(sections: dict[str, Any]) -> Table:
+    t = Table("The worker thread's CPU by system call and library (perf, cpu-clock, while a writer appends)")
+    for label, s in sections.items():
+        if "buckets" not in s:
+            t.note(f"{label}: NOT RUN — {s.get('error') or s.get('skipped')}")
+            continue
+        what = f"{label} ({s['sessions']} × {s['start_msgs']}+ msgs)"
+        per = s["worker_cpu_ms_per_1000_writes"]
+        t.add(f"{what}: worker CPU per 1,000 writes (/proc)", f"{per:.0f} ms", f"{s['samples']} perf samples")
+        for bucket, share in s["buckets"][:12]:
+            t.add(f"{what}: {bucket}", f"{share * 100:.1f}%", f"≈ {share * per:.0f} ms per 1,000 writes")
+    return t
+
+
 def pinpath(sections: dict[str, Any]) -> Table:
     first = next(iter(sections.values()))
     t = Table(f"The event path's file operations one by one ({first['iterations']} iterations each, interleaved; "
