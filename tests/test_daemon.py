@@ -485,3 +485,45 @@ def test_metrics_textfile_is_written_atomically_after_reconcile(sdir, tmp_path, 
     assert f'sessionguard_sessions_tracked{{watch="{sdir}"}} 1' in text
     assert "# TYPE sessionguard_shrinks_total counter" in text
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n], "written by tmp + rename"
+
+
+@needs_root
+def test_the_overflow_itself_starts_the_rescan_that_keeps_the_wipe(sdir, daemons) -> None:
+    """Issue 11: watchdog's ``on_queue_overflow`` hook, end to end. With no periodic pass to help
+    (reconcile every 3600 s), a real overflow of a 64-event kernel queue — the wipe's own events
+    fall past it — must be followed by ``watch.overflow``, then a rescan (a second
+    ``scan.completed``) that finds the shrink and keeps the 1000-message version; no
+    reconciliation ran. Without the hook nothing would look at the file for an hour."""
+    knob = Path("/proc/sys/fs/inotify/max_queued_events")
+    old = knob.read_text()
+    knob.write_text("64\n")  # read at inotify_init: only the daemon started below gets the tiny queue
+    try:
+        server_write(sdir / f"{SID}.json", make_session(1000))
+        d = daemons("--watch", str(sdir), "--reconcile-interval", "3600")
+    finally:
+        knob.write_text(old)
+    assert len(d.events("scan.completed")) == 1  # the start-up scan
+    d.signal(signal.SIGSTOP)  # nobody drains the kernel queue now
+    try:
+        for i in range(300):  # 600 events (create, close): the server's own names, never sessions
+            (sdir / f"_noise{i}.json").write_bytes(b"{}")
+        server_write(sdir / f"{SID}.json", make_session(0))  # its events fall past the full queue
+    finally:
+        d.signal(signal.SIGCONT)
+    d.wait_event("watch.overflow")
+
+    def after_overflow() -> list[str] | None:
+        names = [e["event"] for e in d.events()]
+        i = names.index("watch.overflow")
+        return names[i:] if "scan.completed" in names[i:] else None
+
+    names = eventually(after_overflow, what="a scan after the overflow")
+    rescan = d.events("scan.completed")[1]
+    assert rescan.get("shrunk") == 1, rescan  # the rescan, not an event, found the wipe
+    kept_at = names.index("version.kept")
+    assert kept_at < names.index("scan.completed"), names  # kept during that rescan
+    assert d.events("version.kept")[0]["count"] == 1000
+    assert kept(sdir, 1000).reason == "shrink"
+    assert reconciliations(d) == 0, "a reconciliation ran: the overflow's own rescan is not what was shown"
+    assert d.call("status")["overflows"] >= 1
+    d.assert_alive()

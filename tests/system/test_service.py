@@ -20,14 +20,20 @@ and the tests show, with the shipped hardened unit unchanged except a
 * a wipe produces a native journal entry with the structured fields;
 * ``kill -STOP`` of the main process makes systemd's watchdog restart it;
 * with the service stopped, the first ``sessionguardctl status`` on
-  ``/run/sessionguard.sock`` starts it (socket activation).
+  ``/run/sessionguard.sock`` starts it (socket activation);
+* a first scan far longer than a 5 s ``TimeoutStartSec=`` (a drop-in) ends
+  ``active``: while it advances, the daemon says how far in ``STATUS=`` and asks
+  for more time (``EXTEND_TIMEOUT_USEC=``); a scan stopped with ``kill -STOP``
+  gets no more time and is killed by the start timeout.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -271,3 +277,144 @@ def test_socket_activation_starts_the_service(box: nspawn.Container) -> None:
     assert listening and listening[-1]["SESSIONGUARD_PATH"] == "/run/sessionguard.sock", listening
     r = c.run([CTL, "status"])  # the default socket path as root
     assert "sessions" in r.stdout, r.stdout
+    # issue 14: a member of the read group who is not root, no flags at all; an outsider is
+    # told which group to join
+    c.run("useradd -M -N -g users -G sessionguard sgreader && useradd -M -N -g users sgoutsider")
+    r = c.run([CTL, "status"], user="sgreader", check=False)
+    assert r.returncode in (0, 4) and "sessions" in r.stdout, (r.stdout, r.stderr)  # 4: degraded, still an answer
+    r = c.run([CTL, "status"], user="sgoutsider", check=False)
+    assert r.returncode == 3 and "/run/sessionguard.sock" in r.stderr, r.stderr
+    assert "usermod -aG sessionguard" in r.stderr, r.stderr
+
+
+# -- a first scan longer than the start timeout (issue 15) ---------------------------
+
+BIG = "/var/lib/hermes/big"
+#: Sized so the first scan lasts several times START_TIMEOUT in the container here.
+N_BIG = 200_000
+START_TIMEOUT = "5s"
+TIMEOUT_DROPIN = f"/etc/systemd/system/{UNIT}.d/20-test-start-timeout.conf"
+SCANNING = re.compile(r"^scanning \S+ \(1 of 1 watches\): ([\d,]+) of ([\d,]+) files$")
+
+# Small sessions, made inside the container (its tmpfs), the service user's.
+MAKE_BIG = r"""
+import json, os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(d, exist_ok=True)
+for i in range(n):
+    sid = "%012x" % (0xb16000000000 + i)
+    msgs = [{"role": ("user", "assistant")[j % 2], "content": "m%d of %s" % (j, sid)} for j in range(2 + i % 5)]
+    with open(os.path.join(d, sid + ".json"), "w") as f:
+        json.dump({"session_id": sid, "title": "t", "active_stream_id": None, "messages": msgs}, f)
+"""
+
+
+def start_timeout_dropin(extra: str = "") -> str:
+    return f"""[Service]
+# test: a start timeout far shorter than the first scan of {BIG}
+TimeoutStartSec={START_TIMEOUT}
+ExecStart=
+ExecStart=/opt/sessionguard/bin/sessionguardd --config /etc/sessionguard/sessionguard.toml --watch {BIG}
+ReadWritePaths={BIG}
+{extra}"""
+
+
+@pytest.fixture
+def big(box: nspawn.Container) -> Iterator[Callable[[str], None]]:
+    """*box* with N_BIG sessions in BIG (made once) and no store there (so the next start is a
+    first start); yields ``install(extra)``, which points the unit at BIG with a 5 s start timeout
+    (plus *extra* [Service] lines). The unit is stopped and the drop-in removed afterwards."""
+    c = box
+    c.systemctl("stop", UNIT, timeout=120)
+    if c.run(["test", "-d", BIG], check=False).returncode != 0:
+        c.run(["python3", "-c", MAKE_BIG, BIG, str(N_BIG)], timeout=600)
+        c.run(["chown", "-R", "sessionguard:sessionguard", BIG], timeout=300)
+    c.run(["rm", "-rf", f"{BIG}/.sessionguard"], timeout=300)
+
+    def install(extra: str = "") -> None:
+        c.run(["sh", "-c", f"cat > {TIMEOUT_DROPIN}"], input=start_timeout_dropin(extra))
+        c.systemctl("daemon-reload")
+        assert c.show(UNIT, "TimeoutStartUSec")["TimeoutStartUSec"] == START_TIMEOUT
+
+    try:
+        yield install
+    finally:
+        c.systemctl("stop", UNIT, timeout=200, check=False)
+        c.run(["rm", "-f", TIMEOUT_DROPIN])
+        c.systemctl("reset-failed", UNIT, check=False)
+        c.systemctl("daemon-reload")
+
+
+def scan_status(p: dict[str, str]) -> tuple[int, int] | None:
+    """``(files done, files in all)`` from a "scanning … N of M files" StatusText."""
+    m = SCANNING.match(p.get("StatusText", ""))
+    return (int(m[1].replace(",", "")), int(m[2].replace(",", ""))) if m else None
+
+
+def watch_start(c: nspawn.Container, done: Callable[[dict[str, str]], bool],
+                timeout: float) -> list[dict[str, str]]:
+    """``systemctl show`` of the unit every 0.2 s until *done* says so; every distinct answer."""
+    seen: list[dict[str, str]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = c.show(UNIT, "ActiveState", "SubState", "StatusText", "Result", "NRestarts", "MainPID")
+        if not seen or seen[-1] != p:
+            seen.append(p)
+        if done(p):
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"{UNIT}: still {seen[-1] if seen else '?'} after {timeout:.0f} s\n{c.journal(UNIT)}")
+
+
+def test_a_first_scan_longer_than_the_start_timeout_ends_active(box: nspawn.Container,
+                                                                big: Callable[[str], None]) -> None:
+    c = box
+    big("")
+    c.systemctl("start", "--no-block", UNIT)
+    seen = watch_start(c, lambda p: p["ActiveState"] in ("active", "failed"), 600)
+    states = [(p["ActiveState"], p["SubState"]) for p in seen]
+    progress = [s for s in (scan_status(p) for p in seen) if s is not None]
+    print("states:", sorted(set(states)), "scan progress seen:", progress)
+    assert states[-1] == ("active", "running") and ("failed", "failed") not in states, c.journal(UNIT)
+    assert seen[-1]["NRestarts"] == "0"
+    # the STATUS line advanced while the unit was activating, over the whole tree
+    assert len(progress) >= 3 and {total for _, total in progress} == {N_BIG}, progress
+    done = [d for d, _ in progress]
+    assert done == sorted(done) and len(set(done)) == len(done), progress
+    t = c.show(UNIT, "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
+    took = (int(t["ActiveEnterTimestampMonotonic"]) - int(t["ExecMainStartTimestampMonotonic"])) / 1e6
+    print(f"first start over {N_BIG} sessions: active after {took:.1f} s (TimeoutStartSec={START_TIMEOUT})")
+    assert took > 2 * int(START_TIMEOUT[:-1]), f"the scan took {took:.1f} s: too short to prove anything; raise N_BIG"
+    assert "start operation timed out" not in c.journal(UNIT, lines=2000)
+    assert n_files(c, f"{BIG}/.sessionguard/pins") == N_BIG  # READY came after every file was pinned
+
+
+def n_files(c: nspawn.Container, folder: str) -> int:
+    r = c.run(f"find {folder} -maxdepth 1 -type f ! -name '.*' | wc -l", timeout=120)
+    return int(r.stdout.strip())
+
+
+def test_a_first_scan_that_stops_advancing_is_killed_by_the_start_timeout(box: nspawn.Container,
+                                                                          big: Callable[[str], None]) -> None:
+    """The extension is not a blank cheque: the daemon asks for more time only as files get
+    done, so a scan frozen by ``kill -STOP`` meets the start timeout like any hung start."""
+    c = box
+    big("Restart=no\n")  # the failure stays visible instead of being restarted away
+    c.systemctl("start", "--no-block", UNIT)
+    seen = watch_start(c, lambda p: (scan_status(p) or (0, 0))[0] > 0, 300)
+    pid, at = seen[-1]["MainPID"], scan_status(seen[-1])
+    c.run(["kill", "-STOP", pid])
+    stopped = time.monotonic()
+    seen += watch_start(c, lambda p: p["Result"] == "timeout", 120)
+    waited = time.monotonic() - stopped
+    seen += watch_start(c, lambda p: p["ActiveState"] in ("failed", "inactive"), 200)
+    states = [(p["ActiveState"], p["SubState"]) for p in seen]
+    print(f"SIGSTOPped at {at}; start timeout {waited:.1f} s later, unit failed "
+          f"{time.monotonic() - stopped - waited:.1f} s after that; states:", states)
+    assert ("active", "running") not in states, states
+    assert seen[-1]["ActiveState"] == "failed" and seen[-1]["Result"] == "timeout", seen[-1]
+    log = c.journal(UNIT, lines=2000)
+    assert "start operation timed out" in log.lower(), log
+    # systemd's SIGTERM (with SIGCONT) ended the scan where it was: the daemon did not go on over the tree
+    events = [e["SESSIONGUARD_EVENT"] for e in journal_json(c, f"_PID={pid}") if "SESSIONGUARD_EVENT" in e]
+    assert "scan.abandoned" in events and "scan.completed" not in events, events
