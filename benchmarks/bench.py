@@ -82,8 +82,7 @@ def plan(quick: bool, scale: int | None) -> Plan:
                            "small": perfrec.bench_perf(w, 100, 5, 1000 if q else 6000)},
         "pinpath": lambda w: pinpath.bench_pinpath(w, 50 if q else 300),
     }
-    if scale is not None:
-        p["scale"] = lambda w: startup.bench_scale(w, scale)
+    p["scale"] = lambda w: startup.bench_scale(w, scale or 1_000_000)
     return p
 
 
@@ -136,7 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="benchmarks/run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run (a few minutes; not for BENCHMARKS.md)")
-    ap.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
+    ap.add_argument("--only", action="append", choices=(*SECTIONS, "scale"),
+                    help="run only these sections (repeatable); with --table-only, print only their tables")
     ap.add_argument("--scale", nargs="?", type=int, const=1_000_000, metavar="N",
                     help="the scale run alone (default N: 1,000,000 sessions; fewer if the disk cannot hold "
                          "them); with --only, those sections too")
@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("sessionguard").propagate = False
     args = parse_args(argv)
     if args.table_only:
-        print(render(json.loads(Path(args.table_only).read_text()), BUILDERS))
+        saved = json.loads(Path(args.table_only).read_text())
+        if args.only:  # some sections' tables alone, without the header (to paste between prose)
+            print(render(saved, [b for b in BUILDERS if b[0] in args.only], header_too=False))
+        else:
+            print(render(saved, BUILDERS))
         return 0
     if args.xfs_child:
         return xfs_child(Path(args.xfs_child), args.xfs_megabytes, Path(args.out))

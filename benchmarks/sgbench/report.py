@@ -102,7 +102,8 @@ def targets(built: list[Table]) -> Table:
     return t
 
 
-def render(res: dict[str, Any], builders: list[tuple[str, Callable[[Any], Table]]]) -> str:
+def render(res: dict[str, Any], builders: list[tuple[str, Callable[[Any], Table]]], *,
+           header_too: bool = True) -> str:
     built: list[Table] = []
     for key, build in builders:
         sec = res.get(key)
@@ -114,5 +115,6 @@ def render(res: dict[str, Any], builders: list[tuple[str, Callable[[Any], Table]
             built.append(t)
             continue
         built.append(build(sec))
-    parts = [header(res), targets(built).render(), *(t.render() for t in built)]
+    parts = [header(res), targets(built).render()] if header_too else []
+    parts += [t.render() for t in built]
     return "\n\n".join(p for p in parts if p) + "\n"
