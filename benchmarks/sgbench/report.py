@@ -78,7 +78,8 @@ def header(res: dict[str, Any]) -> str:
         + (" (daemon/ modified)" if m.get("daemon_tree_dirty") else "") + f", started {res.get('started', '?')}, "
         f"{res.get('total_seconds', '?')} s",
         f"- machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), {m.get('mem_total_kB', 0) // 1024} MiB RAM, "
-        f"kernel {m.get('kernel')}, scratch on {m.get('workdir_fstype')} ({m.get('workdir_device')})",
+        f"kernel {m.get('kernel')}, scratch on {m.get('workdir_fstype')} ({m.get('workdir_device')})"
+        + {"no": ", without a journal", "yes": ", journaled"}.get(m.get("workdir_journal") or "", ""),
         f"- software: Python {m.get('python')}, orjson {m.get('orjson')}, watchdog {m.get('watchdog')}, "
         f"zstandard {m.get('zstandard')}",
         f"- load average (1, 5, 15 min): {m.get('loadavg_start')} at start, {m.get('loadavg_end')} at end; {wait}",
