@@ -70,6 +70,25 @@ def test_growing_keeps_no_version_and_pins_by_hard_link(sessions: Path) -> None:
     assert os.listdir(Path(g.store.where) / "sessions") == [], "no folder for a session without versions"
 
 
+def test_a_file_replaced_between_the_save_and_its_pin_is_not_pinned(sessions: Path) -> None:
+    """repin links the saved file by name: if another writer put a different file under
+    that name first, the link names the wrong inode, is removed, and the pin stays."""
+    g = Guard(sessions)
+    g.save(SID, make_session(10))
+    pinned = g.store.pins.stat(SID)
+    name = f"{SID}.json"
+    ours = os.stat(sessions / name)
+    server_write(sessions / name, make_session(3))  # another writer, after "our" rename
+    dir_fd = os.open(sessions, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        g.repin(SID, dir_fd, name, ours)
+    finally:
+        os.close(dir_fd)
+    after = g.store.pins.stat(SID)
+    assert pinned is not None and after is not None and after.st_ino == pinned.st_ino
+    assert [n for n in os.listdir(Path(g.store.where) / "pins") if n != SID] == [], "no tmp link left behind"
+
+
 def test_recovery_restores_a_session_emptied_through_the_guard(sessions: Path) -> None:
     g = Guard(sessions)
     g.save(SID, make_session(1000))

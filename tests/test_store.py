@@ -149,7 +149,7 @@ def test_a_pin_of_its_own_becomes_the_version_by_link_a_shared_one_by_copy(store
     live.write_bytes(data(5))
     fd, _ = fsutil.open_regular(live.name, dir_fd=store.parent_fd)
     try:
-        store.pins.link(SID, store.parent_fd, live.name, fd)  # a link pin: the live inode itself
+        store.pins.link(SID, store.parent_fd, live.name, os.fstat(fd))  # a link pin: the live inode itself
     finally:
         os.close(fd)
     assert (Path(store.where) / "pins" / SID).stat().st_ino == live.stat().st_ino
@@ -287,7 +287,7 @@ def test_the_cap_measures_lifetime_from_birth_with_link_pins(sdir: Path) -> None
             if sid == "weeks":  # a later save, pinned by link as the library does
                 fd, _ = fsutil.open_regular(live.name, dir_fd=store.parent_fd)
                 try:
-                    store.pins.link(sid, store.parent_fd, live.name, fd)
+                    store.pins.link(sid, store.parent_fd, live.name, os.fstat(fd))
                 finally:
                     os.close(fd)
             live.unlink()  # deleted

@@ -307,23 +307,23 @@ def create_clone(src_fd: int, dir_fd: int, name: str, *, allow_reflink: bool, mo
     return method, Pending(fd, dir_fd, tmp)
 
 
-def link_file(src_dir_fd: int, src_name: str, src_fd: int, dst_dir_fd: int, dst_name: str) -> None:
-    """Give the open file *src_fd*, found as *src_name* in *src_dir_fd*, the extra
-    name *dst_name* in *dst_dir_fd* (zero-copy, same filesystem only).
+def link_file(src_dir_fd: int, src_name: str, want: os.stat_result, dst_dir_fd: int, dst_name: str) -> os.stat_result:
+    """Give the file *want* (its ``stat``), found as *src_name* in *src_dir_fd*, the
+    extra name *dst_name* in *dst_dir_fd* (zero-copy, same filesystem only).
 
     ``linkat`` without ``AT_SYMLINK_FOLLOW`` never follows a symlink; the new
-    name is then checked: if *src_name* was replaced between our open and the
-    link, it names the wrong inode, is removed again, and ``FileNotFoundError``
-    tells the caller to copy from the descriptor instead. Raises
-    ``FileExistsError`` if *dst_name* exists.
+    name is then checked: if *src_name* was replaced since the caller's
+    ``stat``, it names the wrong inode, is removed again, and
+    ``FileNotFoundError`` tells the caller to copy instead. Raises
+    ``FileExistsError`` if *dst_name* exists. Returns the new name's ``stat``.
     """
     os.link(single(src_name), single(dst_name), src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd,
             follow_symlinks=False)
-    want = os.fstat(src_fd)
     got = os.stat(dst_name, dir_fd=dst_dir_fd, follow_symlinks=False)
     if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
         unlink_quietly(dst_dir_fd, dst_name)
         raise FileNotFoundError(errno.ENOENT, "file was replaced before it could be linked", src_name)
+    return got
 
 
 def renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int) -> None:

@@ -184,21 +184,23 @@ class Pins:
         pending.publish(sid, durable=False)
         return data, st
 
-    def link(self, sid: str, src_dir_fd: int, src_name: str, src_fd: int) -> os.stat_result:
-        """Pin the live file by a hard link to its inode: zero-copy, but shared.
+    def link(self, sid: str, src_dir_fd: int, src_name: str, want: os.stat_result) -> os.stat_result:
+        """Pin the live file *want* (its ``stat``) by a hard link to its inode:
+        zero-copy, but shared.
 
         Safe only for writers that replace files by rename (the library, which
         does so itself): an in-place rewrite changes the pin too. Raises
-        ``OSError`` (``EXDEV``, ``EPERM``, ``ENOENT``) when a link is impossible.
+        ``OSError`` (``EXDEV``, ``EPERM``, ``ENOENT``) when a link is impossible,
+        ``FileNotFoundError`` too when *src_name* is no longer *want*.
         """
         tmp = fsutil.tmp_name(sid)
-        fsutil.link_file(src_dir_fd, src_name, src_fd, self.fd, tmp)
+        st = fsutil.link_file(src_dir_fd, src_name, want, self.fd, tmp)
         try:
             os.rename(tmp, sid, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except BaseException:
             fsutil.unlink_quietly(self.fd, tmp)
             raise
-        return os.fstat(src_fd)
+        return st
 
     def adopt(self, sid: str, src_dir_fd: int, src_name: str) -> os.stat_result:
         """Pin a file of the store itself (a version just restored): a hard link, no copy."""

@@ -258,7 +258,7 @@ class Tracker:
         ws, pins = case.ws, case.store.pins
         if ws.cfg.pin == "link":
             try:
-                pst = pins.link(case.sid, live.dir_fd, live.name, live.fd)
+                pst = pins.link(case.sid, live.dir_fd, live.name, live.st)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
                     raise

@@ -278,7 +278,7 @@ class Versions:
         dir_fd, src_name, src_fd = src
         os.fsync(src_fd)  # the version is durable once its name is
         try:
-            fsutil.link_file(dir_fd, src_name, src_fd, dst_fd, name)
+            fsutil.link_file(dir_fd, src_name, os.fstat(src_fd), dst_fd, name)
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EMLINK):
                 return False
