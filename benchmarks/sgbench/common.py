@@ -183,6 +183,25 @@ def fresh(work: Path, name: str) -> Path:
     return p
 
 
+class Appender:
+    """*sessions* sessions of *start_msgs* messages in a fresh ``work/name``, then
+    :meth:`append` makes *writes* appending saves round-robin, as a busy server does
+    (what the profiles of the event path run under)."""
+
+    def __init__(self, work: Path, name: str, sessions: int, start_msgs: int, writes: int) -> None:
+        self.dir = fresh(work, name)
+        self.sessions, self.start_msgs, self.writes = sessions, start_msgs, writes
+        self.docs = [Docs(start_msgs + writes // sessions + 2, sid=f"s{j:04d}") for j in range(sessions)]
+        self.paths = [str(self.dir / f"s{j:04d}.json") for j in range(sessions)]
+        for doc, path in zip(self.docs, self.paths, strict=True):
+            server_write(path, doc(start_msgs))
+
+    def append(self) -> None:
+        for k in range(self.writes):
+            j = k % self.sessions
+            server_write(self.paths[j], self.docs[j](self.start_msgs + 1 + k // self.sessions))
+
+
 def tree_bytes(path: str | Path, *, disk: bool = False) -> int:
     """Bytes of the regular files under *path*, each inode once: apparent sizes, or
     with *disk* the blocks allocated (``st_blocks``, what ``du`` counts)."""

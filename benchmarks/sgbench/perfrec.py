@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .common import Docs, fresh, server_write, start_daemon, thread_ticks
+from .common import Appender, start_daemon, thread_ticks
 
 _SYSCALL = re.compile(r"(?:__x64_sys_|__do_sys_)(\w+)")
 
@@ -57,11 +57,8 @@ def aggregate(script: str) -> dict[str, Any]:
 def bench_perf(work: Path, sessions: int, start_msgs: int, writes: int) -> dict[str, Any]:
     if not shutil.which("perf"):
         return {"skipped": "perf is not installed"}
-    docs = [Docs(start_msgs + writes // sessions + 2, sid=f"s{j:04d}") for j in range(sessions)]
-    d = fresh(work, "perf")
-    paths = [str(d / f"s{j:04d}.json") for j in range(sessions)]
-    for j, p in enumerate(paths):
-        server_write(p, docs[j](start_msgs))
+    load = Appender(work, "perf", sessions, start_msgs, writes)
+    d = load.dir
     data = work / f"perf-{start_msgs}.data"
     proc = start_daemon(work, str(d))
     try:
@@ -72,9 +69,7 @@ def bench_perf(work: Path, sessions: int, start_msgs: int, writes: int) -> dict[
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         proc.sync(60)  # perf attaches meanwhile
         t0 = thread_ticks(pid)[tid]
-        for k in range(writes):
-            j = k % sessions
-            server_write(paths[j], docs[j](start_msgs + 1 + k // sessions))
+        load.append()
         proc.sync(120)
         t1 = thread_ticks(pid)[tid]
         rec.send_signal(signal.SIGINT)

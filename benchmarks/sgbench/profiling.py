@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .common import Docs, cpu_by_thread, fresh, proc_cpu_s, server_write, start_daemon, thread_ticks
+from .common import Appender, cpu_by_thread, proc_cpu_s, start_daemon, thread_ticks
 
 #: Our own names for the stages of one event, each matched against the frames of a stack.
 STAGES: dict[str, tuple[str, ...]] = {
@@ -102,11 +102,8 @@ def bench_profile(work: Path, sessions: int, start_msgs: int, writes: int, rate:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         return {"skipped": "py-spy is not installed (.venv/bin/pip install py-spy)"}
-    docs = [Docs(start_msgs + writes // sessions + 2, sid=f"s{j:04d}") for j in range(sessions)]
-    d = fresh(work, "profile")
-    paths = [str(d / f"s{j:04d}.json") for j in range(sessions)]
-    for j, p in enumerate(paths):
-        server_write(p, docs[j](start_msgs))
+    load = Appender(work, "profile", sessions, start_msgs, writes)
+    d = load.dir
     out = work / f"py-spy-{start_msgs}.txt"
     proc = start_daemon(work, str(d))
     try:
@@ -116,9 +113,7 @@ def bench_profile(work: Path, sessions: int, start_msgs: int, writes: int, rate:
         proc.sync(60)  # py-spy attaches within this round trip's time; a few samples of idle start-up are fine
         cpu0, ev0 = proc_cpu_s(proc.proc.pid), proc.call("status")["evaluations"]
         threads0 = thread_ticks(proc.proc.pid)
-        for k in range(writes):
-            j = k % sessions
-            server_write(paths[j], docs[j](start_msgs + 1 + k // sessions))
+        load.append()
         proc.sync(120)
         cpu = proc_cpu_s(proc.proc.pid) - cpu0
         by_thread = cpu_by_thread(threads0, thread_ticks(proc.proc.pid), writes / 1000)

@@ -196,11 +196,18 @@ def write_amp(s: dict[str, Any]) -> Table:
     return t
 
 
+def _ran(t: Table, label: str, s: dict[str, Any], key: str) -> bool:
+    """Whether a profile section has its *key*; if not, a note says why it did not run."""
+    if key in s:
+        return True
+    t.note(f"{label}: NOT RUN — {s.get('error') or s.get('skipped')}")
+    return False
+
+
 def profile(sections: dict[str, Any]) -> Table:
     t = Table("Profile of the event path: the daemon while a writer appends (CPU from /proc, busy time from py-spy)")
     for label, s in sections.items():
-        if "stages" not in s:
-            t.note(f"{label}: NOT RUN — {s.get('error') or s.get('skipped')}")
+        if not _ran(t, label, s, "stages"):
             continue
         what = f"{label} ({s['sessions']} × {s['start_msgs']}+ msgs)"
         t.add(f"{what}: daemon CPU per 1,000 writes", f"{s['cpu_ms_per_1000_writes']:.0f} ms",
@@ -223,8 +230,7 @@ def profile(sections: dict[str, Any]) -> Table:
 def perf(sections: dict[str, Any]) -> Table:
     t = Table("The worker thread's CPU by system call and library (perf, cpu-clock, while a writer appends)")
     for label, s in sections.items():
-        if "buckets" not in s:
-            t.note(f"{label}: NOT RUN — {s.get('error') or s.get('skipped')}")
+        if not _ran(t, label, s, "buckets"):
             continue
         what = f"{label} ({s['sessions']} × {s['start_msgs']}+ msgs)"
         per = s["worker_cpu_ms_per_1000_writes"]
