@@ -13,7 +13,7 @@ import pytest
 
 import sessionguard
 from daemonproc import DaemonProc
-from sghelpers import IS_ROOT, rmtree, short_tmpdir
+from sghelpers import IS_ROOT, rmtree, short_tmpdir, skip_without_account_tools, throwaway_accounts
 
 
 @pytest.fixture
@@ -69,34 +69,15 @@ def accounts():
     """Throwaway groups (read, admin, primary) and users reader/admin/outsider; removed afterwards."""
     if not IS_ROOT:
         pytest.skip("needs root: creates throwaway users and groups")
-    for tool in ("useradd", "userdel", "groupadd", "groupdel", "setpriv"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+    skip_without_account_tools()
     tag = secrets.token_hex(3)
     groups = {"read": f"sgr{tag}", "admin": f"sga{tag}", "primary": f"sgp{tag}"}
-    users = {"reader": (f"sgu{tag}r", groups["read"]), "admin": (f"sgu{tag}a", groups["admin"]),
-             "outsider": (f"sgu{tag}o", None)}
-    made_groups: list[str] = []
-    made_users: list[str] = []
-    try:
-        for g in groups.values():
-            _sh("groupadd", g)
-            made_groups.append(g)
-        for name, extra in users.values():
-            cmd = ["useradd", "--no-create-home", "--no-user-group", "--gid", groups["primary"],
-                   "--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"]
-            if extra:
-                cmd += ["--groups", extra]
-            _sh(*cmd, name)
-            made_users.append(name)
+    users = {"reader": (f"sgu{tag}r", [groups["read"]]), "admin": (f"sgu{tag}a", [groups["admin"]]),
+             "outsider": (f"sgu{tag}o", [])}
+    with throwaway_accounts(groups.values(), [(name, groups["primary"], extra) for name, extra in users.values()]):
         import pwd
 
         yield {"groups": groups, "users": {k: pwd.getpwnam(n) for k, (n, _) in users.items()}}
-    finally:
-        for u in made_users:
-            subprocess.run(["userdel", u], capture_output=True, timeout=60)
-        for g in made_groups:
-            subprocess.run(["groupdel", g], capture_output=True, timeout=60)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -72,6 +74,41 @@ def snapshot(directory: str | os.PathLike[str]) -> dict[str, tuple[str, int, int
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mount/sysctl/other users)")
+#: What throwaway accounts are made and removed with (tests that need them skip without).
+ACCOUNT_TOOLS = ("useradd", "userdel", "groupadd", "groupdel", "setpriv")
+
+
+def skip_without_account_tools() -> None:
+    """Skip the test when a tool that makes or removes throwaway accounts is missing."""
+    for tool in ACCOUNT_TOOLS:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+
+
+@contextlib.contextmanager
+def throwaway_accounts(groups: Iterable[str], users: Iterable[tuple[str, str, Sequence[str]]]) -> Iterator[None]:
+    """Make *groups*, then *users* ``(name, primary group, supplementary groups)`` with no
+    home and no login shell; remove every one made afterwards, also after a failure half-way."""
+    made_groups: list[str] = []
+    made_users: list[str] = []
+    try:
+        for g in groups:
+            subprocess.run(["groupadd", g], check=True, capture_output=True, timeout=60)
+            made_groups.append(g)
+        for name, primary, extra in users:
+            cmd = ["useradd", "--no-create-home", "--no-user-group", "--gid", primary,
+                   "--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"]
+            if extra:
+                cmd += ["--groups", ",".join(extra)]
+            subprocess.run([*cmd, name], check=True, capture_output=True, timeout=60)
+            made_users.append(name)
+        yield
+    finally:
+        for u in made_users:
+            subprocess.run(["userdel", u], capture_output=True, timeout=60, check=False)
+        for g in made_groups:
+            subprocess.run(["groupdel", g], capture_output=True, timeout=60, check=False)
+
 
 
 def short_tmpdir(prefix: str = "sg") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import grp
 import pwd
 import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -13,12 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from attackworld import ATTACKER, Cast, World, as_user, user_env
 
-from sghelpers import IS_ROOT
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-
+from sghelpers import IS_ROOT, skip_without_account_tools, throwaway_accounts
 
 #: user -> (primary group, supplementary groups), by role.
 _USERS = {
@@ -35,26 +29,13 @@ def cast() -> Iterator[Cast]:
     """Throwaway groups and users for every attack; removed at the end of the run."""
     if not IS_ROOT:
         pytest.skip("needs root: creates throwaway users and runs processes as them")
-    for tool in ("useradd", "userdel", "groupadd", "groupdel", "setpriv"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+    skip_without_account_tools()
     tag = secrets.token_hex(3)
     short = {"shared": "s1", "shared2": "s2", "read": "rd", "admin": "ad"}
     groups = {g: f"sg{s}{tag}" for g, s in short.items()}
     users = {u: f"sg{u}{tag}" for u in _USERS}
-    made_groups: list[str] = []
-    made_users: list[str] = []
-    try:
-        for g in groups.values():
-            _sh("groupadd", g)
-            made_groups.append(g)
-        for role, (primary, extra) in _USERS.items():
-            cmd = ["useradd", "--no-create-home", "--no-user-group", "--gid", groups[primary],
-                   "--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"]
-            if extra:
-                cmd += ["--groups", ",".join(groups[g] for g in extra)]
-            _sh(*cmd, users[role])
-            made_users.append(users[role])
+    accounts = [(users[role], groups[primary], [groups[g] for g in extra]) for role, (primary, extra) in _USERS.items()]
+    with throwaway_accounts(groups.values(), accounts):
         the_cast = Cast({r: pwd.getpwnam(n) for r, n in users.items()},
                         {g: grp.getgrnam(n).gr_gid for g, n in groups.items()}, groups)
         probe = subprocess.run([*as_user(the_cast.users["srv"]), sys.executable, "-c",
@@ -63,11 +44,6 @@ def cast() -> Iterator[Cast]:
         if probe.returncode != 0:
             pytest.skip(f"an unprivileged user cannot run {sys.executable} with sessionguard: {probe.stderr[-300:]}")
         yield the_cast
-    finally:
-        for u in made_users:
-            subprocess.run(["userdel", u], capture_output=True, timeout=60, check=False)
-        for g in made_groups:
-            subprocess.run(["groupdel", g], capture_output=True, timeout=60, check=False)
 
 
 @pytest.fixture
