@@ -7,12 +7,15 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import sessionguard
+from chatserver import ChatServer
 from daemonproc import DaemonProc
+from embedhelpers import GUARDED
 from sghelpers import IS_ROOT, rmtree, short_tmpdir, skip_without_account_tools, throwaway_accounts
 
 
@@ -41,6 +44,16 @@ def sdir(tmp_path: Path) -> Path:
     d = tmp_path / "sessions"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def guarded(sdir: Path) -> Iterator[ChatServer]:
+    """The test chat server (tests/chatserver/) on the guarded storage, not started yet: write the files first."""
+    srv = ChatServer(sdir, storage=GUARDED)
+    try:
+        yield srv
+    finally:
+        srv.close()
 
 
 @pytest.fixture

@@ -74,6 +74,16 @@ def snapshot(directory: str | os.PathLike[str]) -> dict[str, tuple[str, int, int
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mount/sysctl/other users)")
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of *pid*, in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 #: What throwaway accounts are made and removed with (tests that need them skip without).
 ACCOUNT_TOOLS = ("useradd", "userdel", "groupadd", "groupdel", "setpriv")
 

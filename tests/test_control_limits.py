@@ -23,21 +23,11 @@ from daemonproc import DaemonProc, eventually
 from sessionguard.peers import ConnectionLimits, Peer
 from sessionguard.protocol import BUSY
 from sgbackend import rmtree, run_as, short_tmpdir
-from sghelpers import IS_ROOT, count_of, make_session, server_write
+from sghelpers import IS_ROOT, count_of, make_session, memory, server_write
 
 SID = "abc123def456"
 TESTS = os.path.dirname(os.path.abspath(__file__))
 MiB = 1024 * 1024
-
-
-def memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of *pid*, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def ask_and_do_not_read(path: str, n: int, line: bytes) -> list[socket.socket]:

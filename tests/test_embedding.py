@@ -22,20 +22,10 @@ import sessionguard
 from chatserver import ChatServer, Session, make_session, serialize
 from chatserver.model import METADATA_KEYS, TRAILING_KEYS
 from chatserver.seedio import write_atomic
-from embedhelpers import GUARDED, SID, Collect, changed_lines, collecting, log_lines, on_disk, rchar, write
+from embedhelpers import SID, Collect, changed_lines, collecting, log_lines, on_disk, rchar, write
 from sghelpers import store_versions
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture
-def guarded(sdir: Path) -> Iterator[ChatServer]:
-    """The chat server on the guarded storage, not started yet: write the files first."""
-    srv = ChatServer(sdir, storage=GUARDED)
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 # -- a dozen lines ------------------------------------------------------------------------

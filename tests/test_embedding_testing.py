@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,8 @@ import pytest
 import sessionguard
 from chatserver import ChatServer, make_session, serialize
 from chatserver.seedio import write_atomic
-from embedhelpers import GUARDED, SID, log_lines, on_disk, restore_on_disk, write
+from embedhelpers import SID, log_lines, on_disk, restore_on_disk, write
 from sessionguard.testing import crash_guard_save, kill_before_rename, no_unintended_loss
-
-
-@pytest.fixture
-def guarded(sdir: Path) -> Iterator[ChatServer]:
-    """The chat server on the guarded storage, not started yet: write the files first."""
-    srv = ChatServer(sdir, storage=GUARDED)
-    try:
-        yield srv
-    finally:
-        srv.close()
-
 
 # -- sessionguard.testing: no unintended loss -------------------------------------------------
 

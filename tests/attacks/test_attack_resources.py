@@ -29,7 +29,7 @@ import pytest
 from attackworld import LAYOUTS, World
 
 from sessionguard.locks import session_byte
-from sghelpers import store_versions, version_hash
+from sghelpers import memory, store_versions, version_hash
 
 Worlds = Callable[[str], World]
 MiB = 1024 * 1024
@@ -88,16 +88,6 @@ def test_a_held_session_lock_defers_only_that_session(make_world: Worlds) -> Non
 
 
 # -- attack 7 --------------------------------------------------------------------------------
-
-
-def memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of *pid*, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def test_a_reader_cannot_exhaust_the_control_socket(make_world: Worlds) -> None:
