@@ -224,6 +224,22 @@ def test_restore_keeps_the_mode_of_the_replaced_file(sessions: Path) -> None:
     assert os.stat(sessions / f"{SID}.json").st_mode & 0o777 == 0o604
 
 
+def test_saves_get_their_mode_whatever_the_umask(sessions: Path) -> None:
+    """A new file is made with its final mode to spare a fchmod per save; a umask
+    that strips bits must not leak into the session's mode (new: 0640; replaced:
+    the replaced file's)."""
+    g = Guard(sessions)
+    old = os.umask(0o277)
+    try:
+        g.save(SID, make_session(3))
+        assert os.stat(sessions / f"{SID}.json").st_mode & 0o777 == 0o640
+        os.chmod(sessions / f"{SID}.json", 0o664)
+        g.save(SID, make_session(4))
+        assert os.stat(sessions / f"{SID}.json").st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+
+
 def test_symlinked_session_file_is_refused_not_followed(sessions: Path, tmp_path: Path) -> None:
     target = tmp_path / "elsewhere.json"
     target.write_bytes(orjson.dumps(make_session(3)))

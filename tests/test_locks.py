@@ -29,10 +29,13 @@ def _dir_fd(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-@pytest.fixture
-def locks(lock_path: Path) -> Iterator[Locks]:
-    lk = Locks(_dir_fd(lock_path))
+@pytest.fixture(params=[False, True], ids=["fd-per-hold", "kept-fd"])
+def locks(lock_path: Path, request: pytest.FixtureRequest) -> Iterator[Locks]:
+    """Both ways a Locks can lock: a descriptor per hold (the daemon) and one kept
+    descriptor (an embedded Guard): every test below holds for both."""
+    lk = Locks(_dir_fd(lock_path), keep_open=request.param)
     yield lk
+    lk.close()
     os.close(lk.store_fd)
 
 
@@ -169,3 +172,38 @@ def test_claim_daemon_refuses_a_second_daemon(lock_path: Path, locks: Locks) -> 
             second.claim_daemon()  # a second store object in this process is a second daemon too
     finally:
         os.close(second.store_fd)
+
+
+def test_a_forked_child_does_not_share_a_kept_descriptor(lock_path: Path) -> None:
+    """An OFD lock does not exclude two processes holding one open file: a server that
+    makes its Guard and then forks workers must still have them exclude each other.
+    The child, forked after the parent opened its kept descriptor, tries the session
+    while the parent holds it: it must find it locked."""
+    lk = Locks(_dir_fd(lock_path), keep_open=True)
+    with lk.session(SID):
+        pass  # the kept descriptor is open now, and inherited by the child
+    to_child_r, to_child_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report 0 when it was kept out, 1 when it got in
+        code = 2
+        try:
+            os.close(to_child_w)
+            os.read(to_child_r, 1)  # the parent holds the session now
+            try:
+                with lk.session(SID, wait=0):
+                    code = 1
+            except SessionLocked:
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(to_child_r)
+    try:
+        with lk.session(SID):
+            os.write(to_child_w, b"x")
+            _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(to_child_w)
+        lk.close()
+        os.close(lk.store_fd)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child got a session the parent held"
+    assert lockable_elsewhere(lock_path, SID)

@@ -184,22 +184,40 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _set_owner(fd: int, like: os.stat_result | None, mode: int, owner: Owner) -> None:
-    """Give a new file the mode and owner of the file it replaces (*like*), or *mode*/*owner*.
+def _wanted(like: os.stat_result | None, mode: int, owner: Owner) -> tuple[int, Owner]:
+    """The mode and owner a new file gets: those of the file it replaces (*like*), or *mode*/*owner*."""
+    if like is not None:
+        return stat.S_IMODE(like.st_mode), (like.st_uid, like.st_gid)
+    return mode, owner
+
+
+def _create_mode(mode: int, owner: Owner) -> int:
+    """The mode to create a new file with: its final *mode* when it stays ours (saving
+    a ``fchmod`` on the hot path), owner-only when it will change hands, so nobody
+    but the final owner can read it on the way."""
+    return mode if owner is None or owner == (os.geteuid(), os.getegid()) else 0o600
+
+
+def _set_owner(fd: int, mode: int, owner: Owner) -> os.stat_result:
+    """Give the new file *fd* the wanted *mode* and *owner*; its ``fstat`` after.
 
     A restore by root must not lock the server out of its own session; a root
     daemon writing into a store shared with the directory's owner must leave
-    files that owner can manage.
+    files that owner can manage. The usual case (created with its final mode,
+    no umask in the way, owner unchanged) costs one ``fstat``.
     """
-    if like is not None:
-        mode, owner = stat.S_IMODE(like.st_mode), (like.st_uid, like.st_gid)
-    os.fchmod(fd, mode)
-    if owner is None or owner == (os.geteuid(), os.getegid()):
-        return
-    try:
-        os.fchown(fd, *owner)
-    except PermissionError:
-        pass  # not root: the file stays ours, the best we can do
+    st = os.fstat(fd)
+    changed = False
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.fchmod(fd, mode)
+        changed = True
+    if owner is not None and owner != (st.st_uid, st.st_gid):
+        try:
+            os.fchown(fd, *owner)
+            changed = True
+        except PermissionError:
+            pass  # not root: the file stays ours, the best we can do
+    return os.fstat(fd) if changed else st
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -216,15 +234,15 @@ def write_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, like: 
     harmless (pins: a torn pin claims nothing, see :mod:`sessionguard.pins`).
     Returns the new file's ``fstat``.
     """
+    mode, owner = _wanted(like, mode, owner)
     tmp = tmp_name(single(name))
-    fd = os.open(tmp, os.O_WRONLY | _NEW_FLAGS, 0o600, dir_fd=dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | _NEW_FLAGS, _create_mode(mode, owner), dir_fd=dir_fd)
     try:
         try:
             _write_all(fd, data)
-            _set_owner(fd, like, mode, owner)
+            st = _set_owner(fd, mode, owner)
             if durable:
                 os.fsync(fd)
-            st = os.fstat(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -296,10 +314,10 @@ def create_clone(src_fd: int, dir_fd: int, name: str, *, allow_reflink: bool, mo
                  owner: Owner = None) -> tuple[Method, Pending]:
     """Clone *src_fd* into a new, not yet named file in *dir_fd* (see :class:`Pending`)."""
     tmp = tmp_name(single(name))
-    fd = os.open(tmp, os.O_RDWR | _NEW_FLAGS, 0o600, dir_fd=dir_fd)
+    fd = os.open(tmp, os.O_RDWR | _NEW_FLAGS, _create_mode(mode, owner), dir_fd=dir_fd)
     try:
         method = clone_fd(src_fd, fd, allow_reflink=allow_reflink)
-        _set_owner(fd, None, mode, owner)
+        _set_owner(fd, mode, owner)
     except BaseException:
         os.close(fd)
         unlink_quietly(dir_fd, tmp)
@@ -401,3 +419,8 @@ def range_lock(fd: int, offset: int, *, wait: bool) -> bool:
             return False
         raise
     return True
+
+
+def range_unlock(fd: int, offset: int) -> None:
+    """Release the lock :func:`range_lock` took on byte *offset* of *fd*."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))

@@ -87,7 +87,8 @@ class Guard:
         parent = fsutil.open_root(os.path.dirname(store_path))
         try:
             self.store, notice = Store.open(parent, os.path.basename(store_path), where=store_path,
-                                            expect_uid=os.geteuid(), retention=retention, max_bytes=max_bytes)
+                                            expect_uid=os.geteuid(), retention=retention, max_bytes=max_bytes,
+                                            keep_lock_open=True)
         finally:
             os.close(parent)
         if notice:

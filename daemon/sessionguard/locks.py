@@ -3,11 +3,15 @@
 Saves, captures and restores of one session exclude each other whether they
 come from threads of the daemon, the control socket or a server embedding
 the library. Each session owns one byte of ``<store>/lock`` (its id hashed),
-locked with an open-file-description lock on a descriptor opened for that
-hold: no lock file per session, no lock left behind by a killed process,
-nothing kept open for writing between operations (a store can be remounted
-read-only), and — the store being ``0700`` — nobody outside the store's
-owner can hold one. The daemon's claim on a store ("one daemon per store")
+locked with an open-file-description lock: no lock file per session, no
+lock left behind by a killed process, and — the store being ``0700`` —
+nobody outside the store's owner can hold one. The daemon opens the lock
+file for each hold and so keeps nothing open for writing between operations
+(its store's filesystem can be remounted read-only under it); an embedded
+:class:`~sessionguard.guard.Guard` keeps one descriptor for its lifetime
+(*keep_open*), which spares every save an open and a close. A child
+process never shares that descriptor: an OFD lock would not exclude two
+processes holding one open file, so a forked child opens its own. The daemon's claim on a store ("one daemon per store")
 is an ``flock`` on the store directory's own descriptor.
 
 Two sessions may hash to the same byte; they then merely take turns. For
@@ -16,13 +20,13 @@ that reason the in-process half of the lock is keyed by byte, not by id.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from contextlib import AbstractContextManager
 
 from . import fsutil
 from .errors import SessionLocked, StoreError
@@ -31,6 +35,10 @@ LOCK_FILE = "lock"
 _SESSION_BYTES = 1 << 40
 #: How often a bounded wait retries a lock held by another process.
 _POLL = 0.005
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+#: How many sessions' bytes and idle in-process locks are kept for reuse (each a few
+#: hundred bytes); beyond that an idle one is dropped as its hold ends.
+_CACHED = 1024
 
 
 def session_byte(sid: str) -> int:
@@ -54,48 +62,79 @@ class _Held:
 class Locks:
     """The session locks of one store (*store_fd*: the store directory, owned by the caller)."""
 
-    def __init__(self, store_fd: int) -> None:
+    def __init__(self, store_fd: int, *, keep_open: bool = False) -> None:
         self.store_fd = store_fd
         self._held: dict[int, _Held] = {}
+        #: Each recent session's byte: a hash per hold costs a save more than the lock itself.
+        self._bytes: dict[str, int] = {}
         self._guard = threading.Lock()
+        #: With *keep_open*: the lock file's descriptor every hold shares (-1 until first use).
+        self._kept: int | None = -1 if keep_open else None
+        if keep_open:
+            _KEEPING.add(self)
 
-    @contextlib.contextmanager
-    def session(self, sid: str, wait: float | None = None) -> Iterator[None]:
+    def session(self, sid: str, wait: float | None = None) -> AbstractContextManager[None]:
         """Hold session *sid*'s lock; re-entrant within a thread.
 
         *wait* bounds the wait (seconds; 0: do not wait) and raises
         :class:`SessionLocked` when it runs out: the daemon's worker must never
         stall on a lock another process holds.
         """
-        byte = session_byte(sid)
+        return _Hold(self, sid, wait)
+
+    def _join(self, sid: str) -> tuple[int, _Held]:
+        """Session *sid*'s byte and its in-process lock, counted as used until :meth:`_leave`."""
+        byte = self._bytes.get(sid)
+        if byte is None:
+            if len(self._bytes) >= _CACHED:
+                self._bytes.clear()
+            byte = self._bytes[sid] = session_byte(sid)
         with self._guard:
-            held = self._held.setdefault(byte, _Held())
+            held = self._held.get(byte)
+            if held is None:
+                held = self._held[byte] = _Held()
             held.users += 1
-        try:
-            deadline = None if wait is None else time.monotonic() + wait
-            if not held.rlock.acquire(timeout=-1 if wait is None else wait):
-                raise SessionLocked(f"session {sid!r} is busy in this process")
-            try:
-                if held.depth == 0:
-                    held.fd = self._take(byte, sid, deadline)
-                held.depth += 1
-                try:
-                    yield
-                finally:
-                    held.depth -= 1
-                    if held.depth == 0:
-                        os.close(held.fd)  # closing the description releases its lock
-                        held.fd = -1
-            finally:
-                held.rlock.release()
-        finally:
-            with self._guard:
-                held.users -= 1
-                if held.users == 0:
-                    del self._held[byte]
+        return byte, held
+
+    def _leave(self, byte: int, held: _Held) -> None:
+        with self._guard:
+            held.users -= 1
+            if held.users == 0 and len(self._held) > _CACHED:
+                del self._held[byte]
+
+    def _open(self) -> int:
+        """The descriptor to lock through: the kept one, or one for this hold alone."""
+        if self._kept is None:
+            return os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
+        if self._kept >= 0:
+            return self._kept
+        with self._guard:
+            if self._kept < 0:
+                self._kept = os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
+            return self._kept
+
+    def _release(self, fd: int, byte: int) -> None:
+        if fd == self._kept:
+            fsutil.range_unlock(fd, byte)
+        else:
+            os.close(fd)  # closing the description releases its lock
+
+    def close(self) -> None:
+        """Close the kept descriptor, if any (releasing every lock held through it)."""
+        with self._guard:
+            if self._kept is not None and self._kept >= 0:
+                os.close(self._kept)
+                self._kept = -1
+
+    def _forget_kept(self) -> None:
+        """In a forked child: drop the parent's descriptor, open our own at first use."""
+        if self._kept is not None and self._kept >= 0:
+            os.close(self._kept)
+            self._kept = -1
+        self._guard = threading.Lock()
 
     def _take(self, byte: int, sid: str, deadline: float | None) -> int:
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.store_fd)
+        fd = self._open()
         try:
             if deadline is None:
                 fsutil.range_lock(fd, byte, wait=True)
@@ -106,7 +145,8 @@ class Locks:
                 time.sleep(_POLL)
             return fd
         except BaseException:
-            os.close(fd)
+            if fd != self._kept:
+                os.close(fd)
             raise
 
     def claim_daemon(self) -> None:
@@ -119,3 +159,55 @@ class Locks:
             fcntl.flock(self.store_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreError("another sessionguardd already serves this store") from None
+
+
+class _Hold:
+    """One ``with locks.session(sid)``. A class rather than a generator: it runs on
+    every save, and an embedded save is benchmarked against a plain one (benchmark 1)."""
+
+    __slots__ = ("_byte", "_held", "_locks", "_sid", "_wait")
+
+    def __init__(self, locks: Locks, sid: str, wait: float | None) -> None:
+        self._locks, self._sid, self._wait = locks, sid, wait
+
+    def __enter__(self) -> None:
+        locks, sid, wait = self._locks, self._sid, self._wait
+        byte, held = locks._join(sid)
+        try:
+            deadline = None if wait is None else time.monotonic() + wait
+            if not held.rlock.acquire(timeout=-1 if wait is None else wait):
+                raise SessionLocked(f"session {sid!r} is busy in this process")
+            try:
+                if held.depth == 0:
+                    held.fd = locks._take(byte, sid, deadline)
+            except BaseException:
+                held.rlock.release()
+                raise
+            held.depth += 1
+        except BaseException:
+            locks._leave(byte, held)
+            raise
+        self._byte, self._held = byte, held
+
+    def __exit__(self, *exc: object) -> None:
+        held = self._held
+        try:
+            held.depth -= 1
+            if held.depth == 0:
+                fd, held.fd = held.fd, -1
+                self._locks._release(fd, self._byte)
+        finally:
+            held.rlock.release()
+            self._locks._leave(self._byte, held)
+
+
+#: Every Locks that keeps its descriptor, so a forked child can drop theirs.
+_KEEPING: weakref.WeakSet[Locks] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for locks in list(_KEEPING):
+        locks._forget_kept()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

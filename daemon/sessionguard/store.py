@@ -84,14 +84,14 @@ class Store:
     """One opened, checked backup store. Use :meth:`open`."""
 
     def __init__(self, parent_fd: int, name: str, fd: int, *, where: str, owner: Owner, max_bytes: int,
-                 retention: Retention) -> None:
+                 retention: Retention, keep_lock_open: bool = False) -> None:
         self.parent_fd, self.name, self.fd, self.where = parent_fd, name, fd, where
         self.owner, self.max_bytes, self.retention = owner, max_bytes, retention
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)
         self.pins = Pins(storedir.subdir(fd, PINS_DIR, owner, where), fd, owner)
         self.versions = Versions(storedir.subdir(fd, SESSIONS_DIR, owner, where), owner, fd)
-        self.locks = Locks(fd)
+        self.locks = Locks(fd, keep_open=keep_lock_open)
         storedir.own_file(fd, LOCK_FILE, owner)
         #: After a cap walk that found only protected versions: no walk below this total.
         self._walk_again_at = 0
@@ -101,7 +101,7 @@ class Store:
     @classmethod
     def open(cls, parent_fd: int, name: str = STORE_DIRNAME, *, where: str, expect_uid: int, owner: Owner = None,
              retention: Retention | None = None, max_bytes: int, create: bool = True,
-             replace_refused: bool = False) -> tuple[Store, str | None]:
+             replace_refused: bool = False, keep_lock_open: bool = False) -> tuple[Store, str | None]:
         """Open (or make) the store *name* in the directory *parent_fd*: ``(store, notice)``.
 
         The store must be a real directory owned by *expect_uid* that nobody
@@ -110,8 +110,8 @@ class Store:
         daemon) it is moved aside, a fresh store made, and *notice* says what
         happened; otherwise :class:`StoreError` says why. Older layouts are
         migrated. *owner* is given every file and folder made (a root daemon
-        sharing a store with the directory's owner). The store keeps a
-        duplicate of *parent_fd*.
+        sharing a store with the directory's owner). *keep_lock_open*: see
+        :mod:`sessionguard.locks`. The store keeps a duplicate of *parent_fd*.
         """
         fd, notice = storedir.open_checked(parent_fd, name, where=where, expect_uid=expect_uid, owner=owner,
                                            create=create, replace_refused=replace_refused)
@@ -120,7 +120,7 @@ class Store:
             if migrated:
                 notice = f"{where}: {migrated}"
             store = cls(os.dup(parent_fd), name, fd, where=where, owner=owner, max_bytes=max_bytes,
-                        retention=retention or Retention())
+                        retention=retention or Retention(), keep_lock_open=keep_lock_open)
         except BaseException:
             os.close(fd)
             raise
@@ -128,6 +128,7 @@ class Store:
         return store, notice
 
     def close(self) -> None:
+        self.locks.close()
         for fd in (self.pins.fd, self.versions.fd, self.fd, self.parent_fd):
             os.close(fd)
 
