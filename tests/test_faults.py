@@ -372,6 +372,19 @@ class Grower(threading.Thread):
             time.sleep(0.01)
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Every thread of *pid* is stopped (``T``): a SIGSTOP takes effect per thread, and
+    one still running could drain the flood meant to overflow its queue."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat_line = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        states.append(stat_line.rpartition(")")[2].split()[0])
+    return bool(states) and all(st == "T" for st in states)
+
+
 @needs_root
 def test_repeated_overflows_while_writers_keep_writing_lose_nothing(sdir, daemons) -> None:
     """Several rounds of: daemon stopped (SIGSTOP), a flood overflows its 64-event queue while
@@ -402,6 +415,7 @@ def test_repeated_overflows_while_writers_keep_writing_lose_nothing(sdir, daemon
                 pinned(store, len(doc["messages"]), sid)
             overflows = len(d.events("watch.overflow"))
             d.signal(signal.SIGSTOP)
+            eventually(lambda: all_threads_stopped(d.proc.pid), what="the daemon's threads to stop")
             try:
                 for n in range(300):
                     (sdir / f"_noise{r}-{n}.json").touch()
