@@ -256,20 +256,26 @@ def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return names
 
 
-def test_a_restart_with_the_cache_reads_only_what_changed(sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("settings", [True, False], ids=["written-with-settings", "older-daemon-s-cache"])
+def test_a_restart_with_the_cache_reads_only_what_changed(sdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         settings: bool) -> None:
+    """A hint that names its watch settings is taken at its word (ids without the matcher);
+    one from an older daemon, without settings, is believed as before: same outcome."""
     sids = [f"s{i:011d}" for i in range(6)]
     for i, sid in enumerate(sids):
         put(sdir / f"{sid}.json", data(i + 1, sid))
     first = Env(sdir)
     assert passes.scan(first.tracker, first.ws)["new"] == 6
-    first.store.pins.save_cache(passes.cache_entries(first.ws))  # a clean stop
+    first.store.pins.save_cache(passes.cache_entries(first.ws),  # a clean stop
+                                first.ws.cache_settings() if settings else None)
     first.close()
     put(sdir / f"{sids[0]}.json", data(9, sids[0]))  # written while the daemon was down
     (sdir / f"{sids[1]}.json").unlink()  # deleted while the daemon was down
+    put(sdir / "notes.txt", b"not a session")
     second = Env(sdir)
     try:
-        cache = second.store.pins.load_cache()
-        assert len(cache) == 6
+        cache = second.store.pins.load_cache(second.ws.cache_settings())
+        assert len(cache) == 6 and cache.exact is settings
         reads = count_reads(monkeypatch)
         result = passes.scan(second.tracker, second.ws, cache)
         assert (result["unchanged"], result["grew"], result["deleted"], result["files"]) == (4, 1, 1, 5)
@@ -282,6 +288,28 @@ def test_a_restart_with_the_cache_reads_only_what_changed(sdir: Path, monkeypatc
         assert passes.scan(second.tracker, second.ws)["unchanged"] == 5 and reads == []
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("change", [{"count": "turns"}, {"exclude": ("s00000000002*",)}, {"pattern": "s*.json"}],
+                         ids=["count", "exclude", "pattern"])
+def test_a_cache_written_under_other_watch_settings_is_not_believed(sdir: Path, change: dict[str, object]) -> None:
+    """Its counts were another rule's (a loss could pass for a growth), or its ids another
+    matcher's: the restart reads every file instead."""
+    sids = [f"s{i:011d}" for i in range(4)]
+    for i, sid in enumerate(sids):
+        put(sdir / f"{sid}.json", data(i + 1, sid))
+    first = Env(sdir)
+    passes.scan(first.tracker, first.ws)
+    first.store.pins.save_cache(passes.cache_entries(first.ws), first.ws.cache_settings())
+    first.close()
+    same, other = Env(sdir), Env(sdir, **change)
+    try:
+        assert len(same.store.pins.load_cache(same.ws.cache_settings())) == 4
+        assert len(other.store.pins.load_cache(other.ws.cache_settings())) == 0
+        assert len(other.store.pins.load_cache()) == 4  # asked without settings: as an older daemon did
+    finally:
+        same.close()
+        other.close()
 
 
 def test_a_scan_without_cache_finds_orphan_pins(env: Env) -> None:

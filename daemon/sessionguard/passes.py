@@ -11,6 +11,7 @@ Directories are walked through descriptors, never through a symlink.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from . import fsutil
 from .count import key_hash, stat_key
 from .errors import UnsafeSessionFile
-from .pins import CacheEntry
+from .pins import CacheEntry, RestartHint
 from .tracker import Tracker
 from .watchstate import Tracked, WatchState, skip_key
 
@@ -26,7 +27,9 @@ from .watchstate import Tracked, WatchState, skip_key
 #: the reconciliation, so an in-place writer is never read half-way.
 SETTLE_SECONDS = 1.0
 #: How often a scan reports progress (files).
-PROGRESS_EVERY = 1000
+PROGRESS_EVERY = 1024
+#: How often a scan asks whether to stop (files; a restart goes through ~200 in a millisecond).
+CHECK_EVERY = 64
 
 #: Told ``(files done, files in all)`` while a scan runs (for systemd's STATUS=).
 Progress = Callable[[int, int], None]
@@ -83,21 +86,33 @@ def scan(tracker: Tracker, ws: WatchState, cache: dict[str, CacheEntry] | None =
     outcomes: Counter[str] = Counter()
     seen: set[str] = set()
     total = (len(cache) if cache else count_files(ws)) if progress is not None else 0
+    suffix = _named_by_cache(ws, cache)
+    unchanged = 0
     for done, (parts, entry) in enumerate(walk(ws), 1):
-        if stop is not None and stop():
-            tracker.log.info("scan.abandoned", watch=ws.root, files=done - 1, why="the daemon is stopping")
-            return dict(outcomes, files=done - 1, abandoned=1)
-        if progress is not None and done % PROGRESS_EVERY == 0:
-            progress(done, max(total, done))
+        if done % CHECK_EVERY == 0:
+            if stop is not None and stop():
+                tracker.log.info("scan.abandoned", watch=ws.root, files=done - 1, why="the daemon is stopping")
+                return dict(outcomes, unchanged=unchanged, files=done - 1, abandoned=1)
+            if progress is not None and done % PROGRESS_EVERY == 0:
+                progress(done, max(total, done))
+        if suffix and cache is not None and entry.name.endswith(suffix):
+            cached = entry.name[:-len(suffix)]
+            hint = cache.get(cached)
+            if hint is not None and _adopt(ws, cached, entry, hint):
+                seen.add(cached)
+                unchanged += 1
+                continue
         sid, why = ws.matcher.identify(parts)
         if sid is None and why is None:
             continue
         if sid is not None:
             seen.add(sid)
             if _unchanged(ws, sid, entry, cache):
-                outcomes["unchanged"] += 1
+                unchanged += 1
                 continue
         outcomes[tracker.evaluate_at(ws, parts, sid, why, unseen=True)] += 1
+    if unchanged:
+        outcomes["unchanged"] += unchanged
     known = set(ws.files) | set(cache or ())
     for sid in sorted(known - seen):
         outcomes[_evaluate_sid(tracker, ws, sid)] += 1
@@ -108,21 +123,38 @@ def scan(tracker: Tracker, ws: WatchState, cache: dict[str, CacheEntry] | None =
     return result
 
 
+def _named_by_cache(ws: WatchState, cache: dict[str, CacheEntry] | None) -> str:
+    """The suffix that turns a name into its id without the matcher, or "" (use the matcher).
+
+    Only for a flat watch whose restart hint was written under these very settings
+    (:attr:`RestartHint.exact`): every id in it is what the matcher made of
+    ``<id><suffix>``, so a name of that form whose id is in the hint needs no
+    second opinion. Half a million names a second less to match at a restart."""
+    if isinstance(cache, RestartHint) and cache.exact and not ws.cfg.recursive:
+        return ws.matcher.suffix
+    return ""
+
+
 def _unchanged(ws: WatchState, sid: str, entry: os.DirEntry[str], cache: dict[str, CacheEntry] | None) -> bool:
     """The file is the one pinned, by its identity alone (no read): adopt what is known."""
     tracked = ws.files.get(sid)
-    hint = cache.get(sid) if cache is not None and tracked is None else None
-    if tracked is None and hint is None:
-        return False
+    if tracked is not None:
+        try:
+            return tracked.key == key_hash(stat_key(entry.stat(follow_symlinks=False)))
+        except OSError:
+            return False
+    hint = cache.get(sid) if cache is not None else None
+    return hint is not None and _adopt(ws, sid, entry, hint)
+
+
+def _adopt(ws: WatchState, sid: str, entry: os.DirEntry[str], hint: CacheEntry) -> bool:
+    """The restart hint's entry for a session the daemon does not track yet: believed,
+    with no read, when the file's identity is still the one it names."""
     try:
         st = entry.stat(follow_symlinks=False)
     except OSError:
         return False
-    key = key_hash(stat_key(st))
-    if tracked is not None:
-        return tracked.key == key
-    assert hint is not None
-    if hint[0] != key or not entry.is_file(follow_symlinks=False) or ws.foreign_link(st):
+    if hint[0] != key_hash(stat_key(st)) or not stat.S_ISREG(st.st_mode) or ws.foreign_link(st) or sid in ws.files:
         return False
     ws.files[sid] = Tracked(*hint)
     return True

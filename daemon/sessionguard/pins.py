@@ -37,6 +37,7 @@ import errno
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 
@@ -87,6 +88,18 @@ _CACHE_VERSION = 2
 #: count (None: unparseable), the keys of its first and next-to-last messages,
 #: and the hash of the pin file's own identity (0: unknown).
 CacheEntry = tuple[int, int | None, int, int, int]
+
+
+class RestartHint(dict[str, CacheEntry]):
+    """``pins.cache`` as loaded: session id → :data:`CacheEntry`.
+
+    *exact* when it says it was written under the very watch settings the
+    daemon now runs with (pattern, excludes, count, …): its ids are then
+    what the matcher would make of the same names, and a restart need not
+    work them out again. A hint from an older daemon or a migration says
+    nothing about its settings and is used, but not that far."""
+
+    exact = False
 
 
 class Pins:
@@ -235,26 +248,35 @@ class Pins:
 
     # -- the daemon's restart hint ---------------------------------------------------
 
-    def load_cache(self) -> dict[str, CacheEntry]:
-        """What the daemon knew at its last clean stop; empty when missing or unreadable."""
+    def load_cache(self, settings: dict[str, Any] | None = None) -> RestartHint:
+        """What the daemon knew at its last clean stop; empty when missing, unreadable,
+        or written under other watch *settings* than these (its counts would be
+        another rule's: believing them could let a loss pass as a growth)."""
+        hint = RestartHint()
         try:
             data, _ = fsutil.read_regular(CACHE_FILE, 1 << 31, dir_fd=self._store_fd)
             raw = orjson.loads(data)
         except (OSError, orjson.JSONDecodeError):
-            return {}
+            return hint
         if not isinstance(raw, dict) or raw.get("version") != _CACHE_VERSION or not isinstance(raw.get("pins"), dict):
-            return {}
-        out: dict[str, CacheEntry] = {}
+            return hint
+        if settings is not None and "watch" in raw:
+            if raw["watch"] != settings:
+                return hint
+            hint.exact = True
         for sid, entry in raw["pins"].items():
             if isinstance(entry, list) and len(entry) == 5:
-                out[sid] = (entry[0], entry[1], entry[2], entry[3], entry[4])
-        return out
+                hint[sid] = (entry[0], entry[1], entry[2], entry[3], entry[4])
+        return hint
 
-    def save_cache(self, entries: dict[str, CacheEntry]) -> None:
-        """Write the hint durably, after every pin it describes is durable (``syncfs``)."""
+    def save_cache(self, entries: dict[str, CacheEntry], settings: dict[str, Any] | None = None) -> None:
+        """Write the hint durably, after every pin it describes is durable (``syncfs``),
+        with the watch *settings* it was made under."""
         fsutil.syncfs(self.fd)
-        data = orjson.dumps({"version": _CACHE_VERSION, "pins": entries})
-        fsutil.write_file(self._store_fd, CACHE_FILE, data, owner=self._owner)
+        doc: dict[str, Any] = {"version": _CACHE_VERSION, "pins": entries}
+        if settings is not None:
+            doc["watch"] = settings
+        fsutil.write_file(self._store_fd, CACHE_FILE, orjson.dumps(doc), owner=self._owner)
 
     def drop_cache(self) -> None:
         """Remove the hint: from now on it would describe the past (the daemon is running)."""

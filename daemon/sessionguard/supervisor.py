@@ -100,7 +100,7 @@ class Supervisor:
         try:
             self._open(ws, initial=initial)
             refused = self._schedule(ws)
-            cache = ws.store.pins.load_cache() if ws.store is not None else {}
+            cache = ws.store.pins.load_cache(ws.cache_settings()) if ws.store is not None else None
             done = passes.scan(self.tracker, ws, cache or None, find_orphans=not cache,
                                progress=self.progress if initial else None, stop=self.stopping)
             if done.get("abandoned"):  # stopping: as after a kill mid-scan, pins.cache stays
@@ -255,7 +255,7 @@ class Supervisor:
         """Clean stop: leave the restart hint, release the store."""
         if ws.store is not None and ws.available:
             try:
-                ws.store.pins.save_cache(passes.cache_entries(ws))
+                ws.store.pins.save_cache(passes.cache_entries(ws), ws.cache_settings())
             except OSError as exc:
                 self.log.warning("cache.write_failed", watch=ws.root, error=str(exc))
         self.watcher.unschedule(ws)

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import fsutil
 from .config import WatchConfig
@@ -149,6 +150,13 @@ class WatchState:
         """A new descriptor of the directory holding *parts*' file (the caller closes it)."""
         assert self.root_fd is not None
         return fsutil.walk(self.root_fd, parts[:-1], self.check_dir)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What ``pins.cache``'s ids and counts depend on: a hint written under other
+        settings is not believed (see :meth:`Pins.load_cache`)."""
+        cfg = self.cfg
+        return {"pattern": cfg.pattern, "exclude": list(cfg.exclude), "recursive": cfg.recursive,
+                "skip": sorted(self.matcher.skip), "count": cfg.count}
 
     def foreign_link(self, st: os.stat_result, pin: os.stat_result | None = None) -> str | None:
         """Why a hard link to someone else's file is not read, or None.
