@@ -82,7 +82,8 @@ def test_a_release_0_1_0_store_is_upgraded_in_place(tmp_path: Path) -> None:
         for sid, entry in cache.items():  # the pin's own identity, so the daemon knows it is the one it meant
             pin = os.stat(sdir / ".sessionguard" / "pins" / sid)
             assert entry[4] == key_hash((pin.st_dev, pin.st_ino, pin.st_size, pin.st_mtime_ns))
-        assert store.pins.load_cache()["unparse00001"][1] is None
+        entry = store.pins.load_cache().get("unparse00001")
+        assert entry is not None and entry[1] is None
     finally:
         store.close()
     before = tree(sdir)

@@ -14,13 +14,12 @@ import re
 import shutil
 from pathlib import Path
 
-import orjson
 import pytest
 
 import torture
 from daemonproc import DaemonProc
 from sghelpers import make_session, server_write
-from torture_disk import check_cache, pin_matches
+from torture_disk import cache_entries, check_cache, pin_matches
 from torture_oracle import FAILURE_KEYS, check, describe
 from torture_plan import Plan, Run
 from torture_writers import STYLES
@@ -154,7 +153,7 @@ def test_the_oracle_catches_a_lying_version_name_a_lying_cache_and_a_lost_pinned
     n = re.search(r"_(\d+)msgs_", version.name)
     assert n is not None
     liar = version.with_name(version.name.replace(n[0], f"_{int(n[1]) + 1}msgs_", 1))
-    sid = next(s for s in sorted(orjson.loads((run.store / "pins.cache").read_bytes())["pins"])
+    sid = next(s for s in sorted(cache_entries((run.store / "pins.cache").read_bytes()))
                if pin_matches(run.store, run.sdir, s) and b"lorem" in (run.store / "pins" / s).read_bytes())
     pin = run.store / "pins" / sid
     data, st = pin.read_bytes(), pin.stat()

@@ -266,8 +266,11 @@ def test_a_restart_with_the_cache_reads_only_what_changed(sdir: Path, monkeypatc
         put(sdir / f"{sid}.json", data(i + 1, sid))
     first = Env(sdir)
     assert passes.scan(first.tracker, first.ws)["new"] == 6
-    first.store.pins.save_cache(passes.cache_entries(first.ws),  # a clean stop
-                                first.ws.cache_settings() if settings else None)
+    if settings:  # a clean stop
+        first.store.pins.save_cache(passes.cache_entries(first.ws), first.ws.cache_settings())
+    else:  # as release 0.1.x left it: JSON, no settings
+        (sdir / ".sessionguard" / "pins.cache").write_bytes(
+            orjson.dumps({"version": 2, "pins": passes.cache_entries(first.ws)}))
     first.close()
     put(sdir / f"{sids[0]}.json", data(9, sids[0]))  # written while the daemon was down
     (sdir / f"{sids[1]}.json").unlink()  # deleted while the daemon was down
@@ -283,7 +286,7 @@ def test_a_restart_with_the_cache_reads_only_what_changed(sdir: Path, monkeypatc
         assert f"{sids[0]}.json" in reads
         assert [(v.count, v.reason) for v in second.versions(sids[1])] == [(2, "deleted")]
         assert {s: (t.count, t.key) for s, t in second.ws.files.items() if s in sids[2:]} == \
-            {s: (cache[s][1], cache[s][0]) for s in sids[2:]}
+            {s: (entry[1], entry[0]) for s, entry in cache.items() if s in sids[2:]}
         reads.clear()
         assert passes.scan(second.tracker, second.ws)["unchanged"] == 5 and reads == []
     finally:
@@ -310,6 +313,29 @@ def test_a_cache_written_under_other_watch_settings_is_not_believed(sdir: Path, 
     finally:
         same.close()
         other.close()
+
+
+def test_a_damaged_cache_is_no_hint_and_a_whole_one_round_trips(sdir: Path) -> None:
+    """pins.cache is packed (ids and fixed-size entries): every entry comes back as written,
+    an unparseable count included; cut short, padded or garbled, it is simply no hint."""
+    for i, sid in enumerate(["s1", "s2", "héllo wörld", "x\ny"]):
+        put(sdir / f"{sid}.json", data(i + 1, sid))
+    put(sdir / "broken.json", b'{"messages": [')
+    env = Env(sdir)
+    try:
+        passes.scan(env.tracker, env.ws)
+        entries = passes.cache_entries(env.ws)
+        assert entries["broken"][1] is None and len(entries) == 5
+        env.store.pins.save_cache(entries, env.ws.cache_settings())
+        path = sdir / ".sessionguard" / "pins.cache"
+        whole = path.read_bytes()
+        hint = env.store.pins.load_cache(env.ws.cache_settings())
+        assert dict(hint.items()) == entries and hint.exact
+        for damaged in (whole[:-1], whole[:len(whole) // 2], whole + b"x\0", b"SGPC" + whole[4:20], b"\0" * 64, b""):
+            path.write_bytes(damaged)
+            assert len(env.store.pins.load_cache(env.ws.cache_settings())) == 0, damaged[:40]
+    finally:
+        env.close()
 
 
 def test_a_scan_without_cache_finds_orphan_pins(env: Env) -> None:

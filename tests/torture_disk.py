@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,27 @@ def store_usage(store: Path) -> dict[str, int]:
     return {"store_files": files, "store_versions": versions, "store_pins": pins, "store_bytes": total}
 
 
+def cache_entries(raw: bytes) -> dict[str, tuple[int, int | None, int, int, int]]:
+    """The entries of a ``pins.cache``, decoded here rather than by the daemon's own code
+    (an oracle that shares the reader would share its bugs): the JSON of release 0.1.x,
+    or the packed form (``SGPC``, version, settings JSON, count, 40-byte records, the ids
+    each ended by NUL)."""
+    if raw[:1] == b"{":
+        return {sid: tuple(e) for sid, e in orjson.loads(raw)["pins"].items()}  # type: ignore[misc]
+    magic, version, size = struct.unpack_from("<4sII", raw)
+    assert (magic, version) == (b"SGPC", 3), (magic, version)
+    at = 12 + size
+    (n,) = struct.unpack_from("<Q", raw, at)
+    at += 8
+    ids = raw[at + 40 * n:].split(b"\0")
+    assert len(ids) == n + 1 and ids[-1] == b"", "pins.cache cut short"
+    out = {}
+    for i, sid in enumerate(ids[:-1]):
+        key, count, first, prev, pin = struct.unpack_from("<qqQQq", raw, at + 40 * i)
+        out[sid.decode("utf-8", "surrogateescape")] = (key, None if count < 0 else count, first, prev, pin)
+    return out
+
+
 def check_cache(store: Path, sdir: Path) -> dict[str, Any]:
     """Does ``pins.cache`` tell the truth wherever the daemon would believe it?
 
@@ -126,7 +148,7 @@ def check_cache(store: Path, sdir: Path) -> dict[str, Any]:
     if raw is None:
         return out
     out["present"] = True
-    pins = orjson.loads(raw)["pins"]
+    pins = cache_entries(raw)
     out["entries"] = len(pins)
     for sid, (key, count, _first, _prev, pin_ident) in pins.items():
         try:

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -82,7 +83,16 @@ def compress(data: bytes) -> bytes:
 
     return zstandard.ZstdCompressor(level=3).compress(data)
 CACHE_FILE = "pins.cache"
-_CACHE_VERSION = 2
+#: The JSON hint of release 0.1.x and of a format-1 migration: still read.
+_JSON_VERSION = 2
+#: ``pins.cache`` since: magic, version, the watch settings (JSON), then the entries as
+#: fixed-size records and the ids after them, NUL-terminated (an id never holds NUL).
+_MAGIC = b"SGPC"
+_VERSION = 3
+_HEAD = struct.Struct("<4sII")  # magic, version, length of the settings
+_COUNT = struct.Struct("<Q")
+#: key, count (-1: unparseable), first, prev, pin: Python hashes are signed, message keys not.
+_RECORD = struct.Struct("<qqQQq")
 
 #: One cached pin: hash of the live file's (dev, ino, size, mtime_ns) key, its
 #: count (None: unparseable), the keys of its first and next-to-last messages,
@@ -90,16 +100,92 @@ _CACHE_VERSION = 2
 CacheEntry = tuple[int, int | None, int, int, int]
 
 
-class RestartHint(dict[str, CacheEntry]):
-    """``pins.cache`` as loaded: session id → :data:`CacheEntry`.
+class RestartHint:
+    """``pins.cache`` as loaded: what the daemon knew of each session at its last clean stop.
 
-    *exact* when it says it was written under the very watch settings the
-    daemon now runs with (pattern, excludes, count, …): its ids are then
-    what the matcher would make of the same names, and a restart need not
-    work them out again. A hint from an older daemon or a migration says
-    nothing about its settings and is used, but not that far."""
+    Kept as the file has it — one index of ids, the entries packed — and an entry
+    unpacked only when the scan asks for it: a million entries cost tens of
+    megabytes for the length of the scan instead of a parsed document's
+    hundreds, and the objects the scan keeps are not strewn among freed ones
+    (RSS after a restart). *exact* when the hint says it was written under
+    the very watch settings the daemon now runs with (pattern, excludes, count,
+    …): its ids are then what the matcher would make of the same names, and a
+    restart need not work them out again. A hint from an older daemon or a
+    migration says nothing about its settings and is used, but not that far.
+    """
 
-    exact = False
+    def __init__(self, ids: list[str] | None = None, records: bytes = b"", *, exact: bool = False) -> None:
+        ids = ids or []
+        self._index = dict(zip(ids, range(len(ids)), strict=True))
+        self._records = records
+        self.exact = exact
+
+    @classmethod
+    def of(cls, entries: dict[str, CacheEntry], *, exact: bool = False) -> RestartHint:
+        return cls(list(entries), _pack(entries.values()), exact=exact)
+
+    def get(self, sid: str) -> CacheEntry | None:
+        i = self._index.get(sid)
+        if i is None:
+            return None
+        key, count, first, prev, pin = _RECORD.unpack_from(self._records, i * _RECORD.size)
+        return (key, None if count < 0 else count, first, prev, pin)
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def items(self) -> Iterator[tuple[str, CacheEntry]]:
+        for sid in self._index:
+            entry = self.get(sid)
+            assert entry is not None
+            yield sid, entry
+
+
+def _pack(entries: Iterable[CacheEntry]) -> bytes:
+    return b"".join(_RECORD.pack(key, -1 if count is None else count, first, prev, pin)
+                    for key, count, first, prev, pin in entries)
+
+
+def _parse_cache(data: bytes, settings: dict[str, Any] | None) -> RestartHint:
+    """The hint in *data* (either format); empty when it is not one, or when it names
+    other watch *settings* than these. Raises ``ValueError`` / ``struct.error`` on
+    damage, which the caller treats as no hint."""
+    if data[:1] == b"{":
+        return _parse_json(data, settings)
+    magic, version, size = _HEAD.unpack_from(data)
+    if magic != _MAGIC or version != _VERSION:
+        return RestartHint()
+    at = _HEAD.size
+    written = orjson.loads(data[at:at + size])
+    if settings is not None and written is not None and written != settings:
+        return RestartHint()
+    at += size
+    (n,) = _COUNT.unpack_from(data, at)
+    at += _COUNT.size
+    records = data[at:at + n * _RECORD.size]
+    ids = data[at + n * _RECORD.size:].decode("utf-8", "surrogateescape").split("\0")
+    if len(records) != n * _RECORD.size or len(ids) != n + 1 or ids[-1] != "":
+        raise ValueError("pins.cache is cut short")
+    ids.pop()
+    return RestartHint(ids, records, exact=settings is not None and written is not None)
+
+
+def _parse_json(data: bytes, settings: dict[str, Any] | None) -> RestartHint:
+    raw = orjson.loads(data)
+    if not isinstance(raw, dict) or raw.get("version") != _JSON_VERSION or not isinstance(raw.get("pins"), dict):
+        return RestartHint()
+    entries: dict[str, CacheEntry] = {}
+    for sid, entry in raw["pins"].items():
+        if isinstance(entry, list) and len(entry) == 5 and all(isinstance(x, int) for x in entry[::2]) \
+                and isinstance(entry[3], int) and (entry[1] is None or isinstance(entry[1], int)):
+            entries[sid] = (entry[0], entry[1], entry[2], entry[3], entry[4])
+    return RestartHint.of(entries)
 
 
 class Pins:
@@ -252,31 +338,21 @@ class Pins:
         """What the daemon knew at its last clean stop; empty when missing, unreadable,
         or written under other watch *settings* than these (its counts would be
         another rule's: believing them could let a loss pass as a growth)."""
-        hint = RestartHint()
         try:
             data, _ = fsutil.read_regular(CACHE_FILE, 1 << 31, dir_fd=self._store_fd)
-            raw = orjson.loads(data)
-        except (OSError, orjson.JSONDecodeError):
-            return hint
-        if not isinstance(raw, dict) or raw.get("version") != _CACHE_VERSION or not isinstance(raw.get("pins"), dict):
-            return hint
-        if settings is not None and "watch" in raw:
-            if raw["watch"] != settings:
-                return hint
-            hint.exact = True
-        for sid, entry in raw["pins"].items():
-            if isinstance(entry, list) and len(entry) == 5:
-                hint[sid] = (entry[0], entry[1], entry[2], entry[3], entry[4])
-        return hint
+            return _parse_cache(data, settings)
+        except (OSError, ValueError, struct.error):  # orjson.JSONDecodeError is a ValueError
+            return RestartHint()
 
     def save_cache(self, entries: dict[str, CacheEntry], settings: dict[str, Any] | None = None) -> None:
         """Write the hint durably, after every pin it describes is durable (``syncfs``),
         with the watch *settings* it was made under."""
         fsutil.syncfs(self.fd)
-        doc: dict[str, Any] = {"version": _CACHE_VERSION, "pins": entries}
-        if settings is not None:
-            doc["watch"] = settings
-        fsutil.write_file(self._store_fd, CACHE_FILE, orjson.dumps(doc), owner=self._owner)
+        written = orjson.dumps(settings)
+        ids = "".join(f"{sid}\0" for sid in entries).encode("utf-8", "surrogateescape")
+        data = b"".join((_HEAD.pack(_MAGIC, _VERSION, len(written)), written, _COUNT.pack(len(entries)),
+                         _pack(entries.values()), ids))
+        fsutil.write_file(self._store_fd, CACHE_FILE, data, owner=self._owner)
 
     def drop_cache(self) -> None:
         """Remove the hint: from now on it would describe the past (the daemon is running)."""
