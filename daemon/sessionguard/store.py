@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -379,15 +378,12 @@ class Store:
         return self.versions.count, self.versions.total_bytes
 
 
-def _entries(dir_fd: int) -> Iterator[os.DirEntry[str]]:
-    with os.scandir(dir_fd) as it:
-        yield from it
-
-
 def _sweep(dir_fd: int) -> int:
     removed = 0
     now = time.time()
-    for entry in _entries(dir_fd):
+    with os.scandir(dir_fd) as it:  # the pins and the sessions: a million names each, few of them tmp
+        tmps = [entry for entry in it if fsutil.TMP_MARK in entry.name]
+    for entry in tmps:
         pid = fsutil.tmp_owner_pid(entry.name)
         if pid is None or not entry.is_file(follow_symlinks=False):
             continue
