@@ -10,6 +10,7 @@ keeps every counter and every degraded state. Nothing imports this module.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import sys
@@ -79,6 +80,7 @@ class Daemon:
             self._scanning = f"{ws.root} ({i} of {total} watches)"
             systemd.notify(f"STATUS=scanning {self._scanning}", f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
             self.supervisor.bring_up(ws, initial=True)
+        _return_freed_memory()
         self._maint.start()
 
     def _progress(self, done: int, total: int) -> None:
@@ -334,6 +336,20 @@ store), 2 invalid configuration.
     p.add_argument("--log-level", choices=config.LOG_LEVELS)
     p.add_argument("--check-config", action="store_true", help="validate the configuration, print it, and exit")
     return p
+
+
+def _return_freed_memory() -> None:
+    """Give the start-up scans' freed memory back to the system (glibc ``malloc_trim``).
+
+    A restart's hint and a scan's sets are a few hundred megabytes at a million
+    sessions, freed before READY; glibc keeps freed heap for reuse and raises its
+    mmap threshold after big frees, so without this the daemon's RSS stays that
+    much higher for its whole life (BENCHMARKS.md, section 4). Elsewhere (musl)
+    there is nothing to call and nothing is done."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
