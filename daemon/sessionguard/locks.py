@@ -11,8 +11,9 @@ file for each hold and so keeps nothing open for writing between operations
 :class:`~sessionguard.guard.Guard` keeps one descriptor for its lifetime
 (*keep_open*), which spares every save an open and a close. A child
 process never shares that descriptor: an OFD lock would not exclude two
-processes holding one open file, so a forked child opens its own. The daemon's claim on a store ("one daemon per store")
-is an ``flock`` on the store directory's own descriptor.
+processes holding one open file, so a forked child opens its own. The
+daemon's claim on a store ("one daemon per store") is an ``flock`` on the
+store directory's own descriptor.
 
 Two sessions may hash to the same byte; they then merely take turns. For
 that reason the in-process half of the lock is keyed by byte, not by id.

@@ -121,8 +121,8 @@ class RestartHint:
         self.exact = exact
 
     @classmethod
-    def of(cls, entries: dict[str, CacheEntry], *, exact: bool = False) -> RestartHint:
-        return cls(list(entries), _pack(entries.values()), exact=exact)
+    def of(cls, entries: dict[str, CacheEntry]) -> RestartHint:
+        return cls(list(entries), _pack(entries.values()))
 
     def get(self, sid: str) -> CacheEntry | None:
         i = self._index.get(sid)
@@ -131,20 +131,11 @@ class RestartHint:
         key, count, first, prev, pin = _RECORD.unpack_from(self._records, i * _RECORD.size)
         return (key, None if count < 0 else count, first, prev, pin)
 
-    def __contains__(self, sid: object) -> bool:
-        return sid in self._index
-
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
 
     def __len__(self) -> int:
         return len(self._index)
-
-    def items(self) -> Iterator[tuple[str, CacheEntry]]:
-        for sid in self._index:
-            entry = self.get(sid)
-            assert entry is not None
-            yield sid, entry
 
 
 def _pack(entries: Iterable[CacheEntry]) -> bytes:
