@@ -102,6 +102,9 @@ def test_one_daemon_per_store(sdir: Path, tmp_path: Path, daemons) -> None:
         code = second.proc.wait(60)
         assert code == 1, second.text()
         assert "another sessionguardd already serves this store" in second.text()
+        failed = second.events("daemon.failed")  # one clear line, no traceback of the stop after it
+        assert [e.get("error") for e in failed] == ["another sessionguardd already serves this store"], failed
+        assert "exception" not in failed[0], failed
         assert os.path.exists(second.socket) is False, "the second daemon opened no socket"
     finally:
         second.stop()

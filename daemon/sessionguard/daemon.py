@@ -97,7 +97,8 @@ class Daemon:
         """Stop maintenance, then the watcher (which finishes the file in hand), then the stores."""
         self._maint_stop.set()
         self._rescan.set()
-        self._maint.join(timeout=30)
+        if self._maint.is_alive():  # not started when a start-up fails (another daemon's store)
+            self._maint.join(timeout=30)
         self.watcher.stop()
         for ws in self.tracker.watches:
             self.supervisor.stop(ws)
