@@ -207,3 +207,43 @@ def test_a_forked_child_does_not_share_a_kept_descriptor(lock_path: Path) -> Non
         os.close(lk.store_fd)
     assert os.waitstatus_to_exitcode(status) == 0, "the child got a session the parent held"
     assert lockable_elsewhere(lock_path, SID)
+
+
+def _open_lock_files(lock_path: Path) -> int:
+    """How many descriptors of this process are open on the store's lock file."""
+    target = os.path.realpath(lock_path / LOCK_FILE)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def test_a_scan_shares_one_descriptor_and_never_drops_a_hold_when_it_ends(lock_path: Path) -> None:
+    """``keeping()`` (a scan) shares one descriptor among its holds, and closes it when it
+    ends — but not under a hold still going through it: closing the description
+    would release that hold's lock behind its back."""
+    lk = Locks(_dir_fd(lock_path))  # the daemon's: a descriptor per hold otherwise
+    try:
+        keeping = lk.keeping()
+        keeping.__enter__()
+        for sid in ("s1", "s2", "s3"):
+            with lk.session(sid):
+                assert _open_lock_files(lock_path) == 1
+        hold = lk.session(SID)
+        hold.__enter__()
+        keeping.__exit__(None, None, None)  # the scan ends while a restore still holds SID
+        assert _open_lock_files(lock_path) == 1
+        assert not lockable_elsewhere(lock_path, SID), "the hold was released when the scan ended"
+        hold.__exit__(None, None, None)
+        assert _open_lock_files(lock_path) == 0, "the shared descriptor outlived its last hold"
+        assert lockable_elsewhere(lock_path, SID)
+        with lk.session(SID):  # back to a descriptor per hold
+            assert _open_lock_files(lock_path) == 1
+        assert _open_lock_files(lock_path) == 0
+    finally:
+        lk.close()
+        os.close(lk.store_fd)

@@ -347,6 +347,33 @@ def test_a_scan_without_cache_finds_orphan_pins(env: Env) -> None:
     assert env.store.pins.stat("orphan000001") is None and passes.orphans(env.tracker, env.ws) == {}
 
 
+def test_a_first_scan_judges_every_file_against_a_pin_it_listed(env: Env) -> None:
+    """A start without a hint lists the pins once and looks only for those: a pin left
+    by a crash (or the library) is still the one a shrunk file is judged against."""
+    env.store.pins.write(SID, data(9))
+    put(env.sdir / f"{SID}.json", data(3))
+    put(env.sdir / "fresh0000001.json", data(4, "fresh0000001"))
+    result = passes.scan(env.tracker, env.ws, find_orphans=True)
+    assert (result["new"], result["shrunk"]) == (1, 1), result
+    assert [(v.count, v.reason) for v in env.versions()] == [(9, "shrink")]
+    assert env.store.pins.stat("fresh0000001") is not None and tmp_leftovers(env) == []
+
+
+def test_a_pin_made_after_the_scan_listed_none_is_judged_not_replaced(env: Env) -> None:
+    """The scan's listing said "no pin", then the library pinned a longer version before
+    the scan reached the file: the new pin refuses to replace it, and it is judged."""
+    env.store.pins.write(SID, data(9))  # appeared after the listing
+    put(env.sdir / f"{SID}.json", data(3))
+    outcome = env.tracker.evaluate_at(env.ws, (f"{SID}.json",), SID, None, unseen=True, pinless=True)
+    assert outcome == "shrunk"
+    assert [(v.count, v.reason) for v in env.versions()] == [(9, "shrink")]
+    assert tmp_leftovers(env) == []
+
+
+def tmp_leftovers(env: Env) -> list[str]:
+    return [n for n in os.listdir(env.store.where + "/pins") if fsutil.TMP_MARK in n]
+
+
 def test_a_scan_keeps_a_pin_that_unseen_writes_overtook(env: Env) -> None:
     put(env.sdir / f"{SID}.json", data(5))
     passes.scan(env.tracker, env.ws)

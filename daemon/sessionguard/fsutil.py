@@ -160,7 +160,21 @@ def tmp_name(final: str) -> str:
     session name may already be at the 255-byte limit.
     """
     head = os.fsencode(final)[:200].decode("utf-8", "ignore")
-    return f".{head}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{head}{TMP_MARK}{_Pid.value}-{secrets.token_hex(4)}"
+
+
+class _Pid:
+    """This process's pid, for :func:`tmp_name`: ``getpid`` is a system call, and a first
+    start names 100,000 tmp files. A forked child learns its own."""
+
+    value = os.getpid()
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.value = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Pid.refresh)
 
 
 def tmp_owner_pid(name: str) -> int | None:
@@ -291,12 +305,16 @@ class Pending:
     def __init__(self, fd: int, dir_fd: int, tmp: str) -> None:
         self.fd, self.dir_fd, self.tmp = fd, dir_fd, tmp
 
-    def publish(self, name: str, *, durable: bool = True) -> None:
-        """Give the file its final *name* (fsync first when *durable*) and close it."""
+    def publish(self, name: str, *, durable: bool = True, replace: bool = True) -> None:
+        """Give the file its final *name* (fsync first when *durable*) and close it;
+        without *replace*, ``FileExistsError`` if *name* exists (the file is removed)."""
         try:
             if durable:
                 os.fsync(self.fd)
-            os.rename(self.tmp, single(name), src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            if replace:
+                os.rename(self.tmp, single(name), src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            else:
+                rename_noreplace(self.dir_fd, self.tmp, single(name))
         except BaseException:
             unlink_quietly(self.dir_fd, self.tmp)
             raise

@@ -7,7 +7,9 @@ locked with an open-file-description lock: no lock file per session, no
 lock left behind by a killed process, and — the store being ``0700`` —
 nobody outside the store's owner can hold one. The daemon opens the lock
 file for each hold and so keeps nothing open for writing between operations
-(its store's filesystem can be remounted read-only under it); an embedded
+(its store's filesystem can be remounted read-only under it), except while
+a scan runs (:meth:`Locks.keeping`: a first start over 100,000 sessions
+spent an eighth of its time opening and closing it); an embedded
 :class:`~sessionguard.guard.Guard` keeps one descriptor for its lifetime
 (*keep_open*), which spares every save an open and a close. A child
 process never shares that descriptor: an OFD lock would not exclude two
@@ -69,10 +71,12 @@ class Locks:
         #: Each recent session's byte: a hash per hold costs a save more than the lock itself.
         self._bytes: dict[str, int] = {}
         self._guard = threading.Lock()
-        #: With *keep_open*: the lock file's descriptor every hold shares (-1 until first use).
-        self._kept: int | None = -1 if keep_open else None
-        if keep_open:
-            _KEEPING.add(self)
+        #: The lock file's descriptor that holds share while there is a reason to keep it
+        #: (-1: none open); holds through it now; reasons to keep it (*keep_open*, scans).
+        self._kept = -1
+        self._active = 0
+        self._keep = 1 if keep_open else 0
+        _KEEPING.add(self)
 
     def session(self, sid: str, wait: float | None = None) -> AbstractContextManager[None]:
         """Hold session *sid*'s lock; re-entrant within a thread.
@@ -103,35 +107,50 @@ class Locks:
             if held.users == 0 and len(self._held) > _CACHED:
                 del self._held[byte]
 
+    def keeping(self) -> AbstractContextManager[None]:
+        """Share one descriptor among the holds taken until the block ends (a scan)."""
+        return _Keeping(self)
+
     def _open(self) -> int:
         """The descriptor to lock through: the kept one, or one for this hold alone."""
-        if self._kept is None:
-            return os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
-        if self._kept >= 0:
-            return self._kept
         with self._guard:
+            if self._keep == 0 and self._kept < 0:
+                return os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
             if self._kept < 0:
                 self._kept = os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
+            self._active += 1
             return self._kept
 
     def _release(self, fd: int, byte: int) -> None:
-        if fd == self._kept:
-            fsutil.range_unlock(fd, byte)
-        else:
+        if fd != self._kept:
             os.close(fd)  # closing the description releases its lock
+            return
+        fsutil.range_unlock(fd, byte)
+        with self._guard:
+            self._active -= 1
+            self._close_unkept()
+
+    def _close_unkept(self) -> None:
+        """Close the shared descriptor once nothing keeps it and no hold goes through it
+        (closing it would release those holds). Called with ``_guard`` held."""
+        if self._keep == 0 and self._active == 0 and self._kept >= 0:
+            os.close(self._kept)
+            self._kept = -1
 
     def close(self) -> None:
         """Close the kept descriptor, if any (releasing every lock held through it)."""
         with self._guard:
-            if self._kept is not None and self._kept >= 0:
+            if self._kept >= 0:
                 os.close(self._kept)
                 self._kept = -1
+                self._active = 0
 
     def _forget_kept(self) -> None:
         """In a forked child: drop the parent's descriptor, open our own at first use."""
-        if self._kept is not None and self._kept >= 0:
+        if self._kept >= 0:
             os.close(self._kept)
             self._kept = -1
+        self._active = 0
         self._guard = threading.Lock()
 
     def _take(self, byte: int, sid: str, deadline: float | None) -> int:
@@ -148,6 +167,10 @@ class Locks:
         except BaseException:
             if fd != self._kept:
                 os.close(fd)
+            else:
+                with self._guard:
+                    self._active -= 1
+                    self._close_unkept()
             raise
 
     def claim_daemon(self) -> None:
@@ -202,7 +225,26 @@ class _Hold:
             self._locks._leave(self._byte, held)
 
 
-#: Every Locks that keeps its descriptor, so a forked child can drop theirs.
+class _Keeping:
+    """One ``with locks.keeping()``."""
+
+    __slots__ = ("_locks",)
+
+    def __init__(self, locks: Locks) -> None:
+        self._locks = locks
+
+    def __enter__(self) -> None:
+        with self._locks._guard:
+            self._locks._keep += 1
+
+    def __exit__(self, *exc: object) -> None:
+        locks = self._locks
+        with locks._guard:
+            locks._keep -= 1
+            locks._close_unkept()
+
+
+#: Every Locks, so a forked child can drop a descriptor its parent kept.
 _KEEPING: weakref.WeakSet[Locks] = weakref.WeakSet()
 
 

@@ -83,16 +83,40 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
     on over 200,000 files would hold ``systemctl stop`` past its timeout."""
     assert ws.store is not None and ws.root_fd is not None
     started = time.monotonic()
-    outcomes: Counter[str] = Counter()
-    seen: set[str] = set()
     total = (len(cache) if cache else count_files(ws)) if progress is not None else 0
     suffix = _named_by_cache(ws, cache)
+    # Without a hint most sessions of a start have no pin: one listing spares a lookup each.
+    pinned = set(ws.store.pins.sids()) if find_orphans else None
+    with ws.store.locks.keeping():
+        outcomes, seen, unchanged, done = _scan_files(tracker, ws, cache=cache, pinned=pinned, suffix=suffix,
+                                                          progress=progress, total=total, stop=stop)
+    if done is not None:
+        tracker.log.info("scan.abandoned", watch=ws.root, files=done - 1, why="the daemon is stopping")
+        return dict(outcomes, unchanged=unchanged, files=done - 1, abandoned=1)
+    if unchanged:
+        outcomes["unchanged"] += unchanged
+    known = set(ws.files) | set(cache or ())
+    for sid in sorted(known - seen):
+        outcomes[_evaluate_sid(tracker, ws, sid)] += 1
+    if pinned is not None:
+        outcomes.update(orphans(tracker, ws, seen, pinned))
+    result = dict(outcomes, files=len(seen), duration_ms=int((time.monotonic() - started) * 1000))
+    tracker.log.info("scan.completed", watch=ws.root, sessions=len(ws.files), **result)
+    return result
+
+
+def _scan_files(tracker: Tracker, ws: WatchState, *, cache: RestartHint | None, pinned: set[str] | None,
+                suffix: str, progress: Progress | None, total: int, stop: Callable[[], bool] | None
+                ) -> tuple[Counter[str], set[str], int, int | None]:
+    """The scan's walk: outcomes, the sessions seen, how many were unchanged, and the
+    file it stopped at when *stop* turned true (None: it went through)."""
+    outcomes: Counter[str] = Counter()
+    seen: set[str] = set()
     unchanged = 0
     for done, (parts, entry) in enumerate(walk(ws), 1):
         if done % CHECK_EVERY == 0:
             if stop is not None and stop():
-                tracker.log.info("scan.abandoned", watch=ws.root, files=done - 1, why="the daemon is stopping")
-                return dict(outcomes, unchanged=unchanged, files=done - 1, abandoned=1)
+                return outcomes, seen, unchanged, done
             if progress is not None and done % PROGRESS_EVERY == 0:
                 progress(done, max(total, done))
         if suffix and cache is not None and entry.name.endswith(suffix):
@@ -110,17 +134,9 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
             if _unchanged(ws, sid, entry, cache):
                 unchanged += 1
                 continue
-        outcomes[tracker.evaluate_at(ws, parts, sid, why, unseen=True)] += 1
-    if unchanged:
-        outcomes["unchanged"] += unchanged
-    known = set(ws.files) | set(cache or ())
-    for sid in sorted(known - seen):
-        outcomes[_evaluate_sid(tracker, ws, sid)] += 1
-    if find_orphans:
-        outcomes.update(orphans(tracker, ws, seen))
-    result = dict(outcomes, files=len(seen), duration_ms=int((time.monotonic() - started) * 1000))
-    tracker.log.info("scan.completed", watch=ws.root, sessions=len(ws.files), **result)
-    return result
+        outcomes[tracker.evaluate_at(ws, parts, sid, why, unseen=True,
+                                     pinless=pinned is not None and sid is not None and sid not in pinned)] += 1
+    return outcomes, seen, unchanged, None
 
 
 def _named_by_cache(ws: WatchState, cache: RestartHint | None) -> str:
@@ -169,12 +185,14 @@ def _evaluate_sid(tracker: Tracker, ws: WatchState, sid: str) -> str:
     return tracker.evaluate_at(ws, parts, sid, None, unseen=True)
 
 
-def orphans(tracker: Tracker, ws: WatchState, seen: set[str] | None = None) -> Counter[str]:
+def orphans(tracker: Tracker, ws: WatchState, seen: set[str] | None = None,
+            pinned: set[str] | None = None) -> Counter[str]:
     """Pins whose session file is gone and that the daemon did not know (made by the
-    library, or known only to a lost cache): kept as ``deleted`` versions."""
+    library, or known only to a lost cache): kept as ``deleted`` versions. *pinned*:
+    the pins as the caller listed them (else they are listed now)."""
     assert ws.store is not None
     out: Counter[str] = Counter()
-    for sid in list(ws.store.pins.sids()):
+    for sid in pinned if pinned is not None else list(ws.store.pins.sids()):
         if sid in ws.files or (seen is not None and sid in seen):
             continue
         out[_evaluate_sid(tracker, ws, sid)] += 1

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import time
 from collections.abc import Iterable, Iterator
@@ -197,14 +198,17 @@ class Pins:
         except FileNotFoundError:
             return None
 
-    def _birth(self, sid: str) -> int:
+    def _birth(self, sid: str) -> int | None:
         old = self.stat(sid)
-        return old.st_mtime_ns if old is not None else time.time_ns()
+        return old.st_mtime_ns if old is not None else None
 
-    def write(self, sid: str, data: bytes) -> os.stat_result:
+    def write(self, sid: str, data: bytes, *, fresh: bool = False) -> os.stat_result:
         """Pin *data* (the bytes just read from the live file, or compressed: see
-        :func:`compress`): a copy pin."""
-        old = self.stat(sid)
+        :func:`compress`): a copy pin.
+
+        *fresh*: the caller knows the session has no pin (a first scan listed the
+        folder): no lookup for one, and ``FileExistsError`` if one appeared since."""
+        old = None if fresh else self.stat(sid)
         tmp = fsutil.tmp_name(sid)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self.fd)
@@ -213,17 +217,16 @@ class Pins:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                self._own(fd, old.st_mtime_ns if old is not None else time.time_ns())
-                st = os.fstat(fd)
+                st = self._own(fd, old.st_mtime_ns if old is not None else None)
             finally:
                 os.close(fd)
-            self._replace(tmp, sid, old is not None)
+            self._replace(tmp, sid, old is not None, fresh)
         except BaseException:
             fsutil.unlink_quietly(self.fd, tmp)
             raise
         return st
 
-    def _replace(self, tmp: str, sid: str, exists: bool) -> None:
+    def _replace(self, tmp: str, sid: str, exists: bool, fresh: bool = False) -> None:
         """Put the written *tmp* in place as *sid*'s pin.
 
         Over an existing pin, swap the two (``RENAME_EXCHANGE``) and unlink the
@@ -233,7 +236,11 @@ class Pins:
         (benchmarks/, "pinpath"). A pin needs no such help: it is never
         trusted after a crash (see the module docstring). A daemon killed
         between the swap and the unlink leaves a tmp name, swept at bring-up.
+        A *fresh* pin never replaces one (``RENAME_NOREPLACE``).
         """
+        if fresh:
+            fsutil.rename_noreplace(self.fd, tmp, sid)
+            return
         if exists:
             try:
                 fsutil.exchange(self.fd, tmp, sid)
@@ -245,15 +252,17 @@ class Pins:
                 return
         os.rename(tmp, sid, src_dir_fd=self.fd, dst_dir_fd=self.fd)
 
-    def reflink(self, sid: str, src_fd: int, max_bytes: int) -> tuple[bytes, os.stat_result] | None:
+    def reflink(self, sid: str, src_fd: int, max_bytes: int, *,
+                fresh: bool = False) -> tuple[bytes, os.stat_result] | None:
         """Pin the live file *src_fd* by sharing its extents (``FICLONE``), zero-copy.
 
         Returns the bytes *of the clone* (read back), so whatever the caller
         derives from them — count, message keys — describes exactly what is
         pinned even if an in-place writer changed the live file meanwhile.
         None when the filesystem cannot reflink (the caller copies instead).
+        *fresh* as for :meth:`write`.
         """
-        birth = self._birth(sid)
+        birth = None if fresh else self._birth(sid)
         try:
             method, pending = fsutil.create_clone(src_fd, self.fd, sid, allow_reflink=True)
         except OSError as exc:
@@ -266,27 +275,28 @@ class Pins:
         try:
             st = os.fstat(pending.fd)
             data = fsutil.read_fd(pending.fd, st, max_bytes)
-            self._own(pending.fd, birth)
-            st = os.fstat(pending.fd)
+            st = self._own(pending.fd, birth)
         except BaseException:
             pending.discard()
             raise
-        pending.publish(sid, durable=False)
+        pending.publish(sid, durable=False, replace=not fresh)
         return data, st
 
-    def link(self, sid: str, src_dir_fd: int, src_name: str, want: os.stat_result) -> os.stat_result:
+    def link(self, sid: str, src_dir_fd: int, src_name: str, want: os.stat_result, *,
+             fresh: bool = False) -> os.stat_result:
         """Pin the live file *want* (its ``stat``) by a hard link to its inode:
         zero-copy, but shared.
 
         Safe only for writers that replace files by rename (the library, which
         does so itself): an in-place rewrite changes the pin too. Raises
         ``OSError`` (``EXDEV``, ``EPERM``, ``ENOENT``) when a link is impossible,
-        ``FileNotFoundError`` too when *src_name* is no longer *want*.
+        ``FileNotFoundError`` too when *src_name* is no longer *want*. *fresh* as for
+        :meth:`write`.
         """
         tmp = fsutil.tmp_name(sid)
         st = fsutil.link_file(src_dir_fd, src_name, want, self.fd, tmp)
         try:
-            os.rename(tmp, sid, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            self._replace(tmp, sid, False, fresh)
         except BaseException:
             fsutil.unlink_quietly(self.fd, tmp)
             raise
@@ -303,14 +313,24 @@ class Pins:
             raise
         return os.stat(sid, dir_fd=self.fd, follow_symlinks=False)
 
-    def _own(self, fd: int, birth_ns: int) -> None:
-        os.fchmod(fd, 0o600)
-        if self._owner is not None and self._owner != (os.geteuid(), os.getegid()):
+    def _own(self, fd: int, birth_ns: int | None) -> os.stat_result:
+        """Make the new pin *fd* the store's (``0600``, its owner) and carry the session's
+        birth (*birth_ns*; None: born now, which a file just written already says);
+        its ``fstat`` after. Only what differs is changed."""
+        st = os.fstat(fd)
+        changed = birth_ns is not None
+        if stat.S_IMODE(st.st_mode) != 0o600:  # a umask took bits we need
+            os.fchmod(fd, 0o600)
+            changed = True
+        if self._owner is not None and (st.st_uid, st.st_gid) != self._owner:
             try:
                 os.fchown(fd, *self._owner)
+                changed = True
             except PermissionError:
                 pass
-        os.utime(fd, ns=(time.time_ns(), birth_ns))
+        if birth_ns is not None:
+            os.utime(fd, ns=(time.time_ns(), birth_ns))
+        return os.fstat(fd) if changed else st
 
     def drop(self, sid: str) -> bool:
         """Forget the pin (its session was deleted and the pin kept, or forgotten)."""

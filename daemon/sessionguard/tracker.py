@@ -42,6 +42,8 @@ class _Case:
     store: Store
     sid: str
     rel: str
+    #: A scan listed the pins before and this session had none: not looked for again.
+    pinless: bool = False
 
 
 @dataclass
@@ -82,18 +84,21 @@ class Tracker:
         return self.evaluate_at(ws, parts, sid, why, unseen=unseen)
 
     def evaluate_at(self, ws: WatchState, parts: tuple[str, ...], sid: str | None, why: str | None, *,
-                    unseen: bool = False) -> str:
+                    unseen: bool = False, pinless: bool = False) -> str:
         """Never raises: every error is logged and counted, and leaves the old pin.
 
         *unseen* (scans, reconciliation) says writes may have happened that no
         event showed one by one: a longer file that no longer starts with the
-        pinned messages then also keeps the pin.
+        pinned messages then also keeps the pin. *pinless*: the caller listed the
+        pins and this session had none, so none is looked for (a first start
+        would otherwise look up 100,000 names that are not there); a pin made
+        since is found when the new one refuses to replace it, and then judged.
         """
         with ws.gate.shared():
-            return self._evaluate(ws, parts, sid, why, unseen)
+            return self._evaluate(ws, parts, sid, why, unseen, pinless=pinless)
 
     def _evaluate(self, ws: WatchState, parts: tuple[str, ...], sid: str | None, why: str | None,
-                  unseen: bool) -> str:
+                  unseen: bool, *, pinless: bool) -> str:
         store = ws.store
         if store is None or ws.root_fd is None:
             return "unavailable"
@@ -101,7 +106,7 @@ class Tracker:
         rel = "/".join(parts)
         if sid is None:
             return self._skip(ws, rel, why or "not a session id", None)
-        case = _Case(ws, store, sid, rel)
+        case = _Case(ws, store, sid, rel, pinless)
         try:
             with store.lock(sid, LOCK_WAIT):
                 ws.deferred.pop(sid, None)
@@ -132,16 +137,27 @@ class Tracker:
 
     def _locked(self, case: _Case, parts: tuple[str, ...], unseen: bool) -> str:
         ws = case.ws
+        nested = len(parts) > 1
         try:
-            dir_fd = ws.open_parent(parts) if len(parts) > 1 else os.dup(ws.root_fd or -1)
+            # the root's descriptor is only closed under the watch's exclusive gate, and
+            # evaluations hold it shared: used as it is, not duplicated for each file
+            dir_fd = ws.open_parent(parts) if nested else ws.root_fd
         except FileNotFoundError:
             return self._deleted(case)
         except (UnsafeSessionFile, NotADirectoryError) as exc:
             return self._give_up(case, f"{exc.strerror or exc}", None)
+        assert dir_fd is not None  # _evaluate checked the root
         try:
+            try:
+                return self._look(case, dir_fd, parts[-1], unseen)
+            except FileExistsError:
+                if not case.pinless:
+                    raise
+            case.pinless = False  # a pin appeared since the caller listed them (the library's): judge against it
             return self._look(case, dir_fd, parts[-1], unseen)
         finally:
-            os.close(dir_fd)
+            if nested:
+                os.close(dir_fd)
 
     def _look(self, case: _Case, dir_fd: int, name: str, unseen: bool) -> str:
         ws = case.ws
@@ -174,7 +190,7 @@ class Tracker:
                 return self._too_large(case, st, tracked)
             ws.skipped.pop(case.rel, None)
             new = parse(data, ws.spec)
-            prior = tracked if tracked is not None else self._prior(case)
+            prior = tracked if tracked is not None or case.pinless else self._prior(case)
             self._capture_if_lost(case, prior, new, unseen or tracked is None)
             return self._pin(case, _Live(dir_fd, name, fd, st, data), new, prior)
         finally:
@@ -256,21 +272,23 @@ class Tracker:
     def _pin(self, case: _Case, live: _Live, new: Parsed, prior: Tracked | None) -> str:
         """Move the pin to the content just read; remember what it holds."""
         ws, pins = case.ws, case.store.pins
+        fresh = case.pinless and prior is None  # the caller saw no pin: refuse to replace one
         if ws.cfg.pin == "link":
             try:
-                pst = pins.link(case.sid, live.dir_fd, live.name, live.st)
+                pst = pins.link(case.sid, live.dir_fd, live.name, live.st, fresh=fresh)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
                     raise
-                pst = pins.write(case.sid, live.data)
+                pst = pins.write(case.sid, live.data, fresh=fresh)
         elif ws.cfg.pin == "zstd":
-            pst = pins.write(case.sid, compress(live.data))
+            pst = pins.write(case.sid, compress(live.data), fresh=fresh)
         else:
             # ws.pin_method was probed once at bring-up: on a filesystem without reflinks every
             # attempt would cost a tmp file made, a failed FICLONE and an unlink per pin
-            cloned = pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes) if ws.pin_method == "reflink" else None
+            cloned = (pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes, fresh=fresh)
+                      if ws.pin_method == "reflink" else None)
             if cloned is None:
-                pst = pins.write(case.sid, live.data)
+                pst = pins.write(case.sid, live.data, fresh=fresh)
             else:
                 pst = cloned[1]
                 if cloned[0] != live.data:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,19 @@ from .store import Store
 #: What a skipped file was when it was skipped (identity, link count, owner):
 #: a change of any is looked at again.
 SkipKey = tuple[int, ...]
+
+
+class _Shared:
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        self._gate._enter_shared()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gate._exit_shared()
 
 
 def skip_key(st: os.stat_result) -> SkipKey:
@@ -41,19 +55,22 @@ class Gate:
         self._readers = 0
         self._writer = False
 
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self) -> AbstractContextManager[None]:
+        """Held around every evaluation: a class, not a generator (a first start holds it
+        100,000 times)."""
+        return _Shared(self)
+
+    def _enter_shared(self) -> None:
         with self._cond:
             while self._writer:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+
+    def _exit_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
