@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -74,13 +75,16 @@ class Daemon:
         """Watch and scan every directory (pins in place), then start maintenance."""
         self.watcher.start()
         total = len(self.tracker.watches)
-        for i, ws in enumerate(self.tracker.watches, 1):
-            if self._stopping:
-                break
-            self._scanning = f"{ws.root} ({i} of {total} watches)"
-            systemd.notify(f"STATUS=scanning {self._scanning}", f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
-            self.supervisor.bring_up(ws, initial=True)
-        _return_freed_memory()
+        gc.disable()  # see _settle_heap
+        try:
+            for i, ws in enumerate(self.tracker.watches, 1):
+                if self._stopping:
+                    break
+                self._scanning = f"{ws.root} ({i} of {total} watches)"
+                systemd.notify(f"STATUS=scanning {self._scanning}", f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
+                self.supervisor.bring_up(ws, initial=True)
+        finally:
+            _settle_heap()
         self._maint.start()
 
     def _progress(self, done: int, total: int) -> None:
@@ -339,14 +343,22 @@ store), 2 invalid configuration.
     return p
 
 
-def _return_freed_memory() -> None:
-    """Give the start-up scans' freed memory back to the system (glibc ``malloc_trim``).
+def _settle_heap() -> None:
+    """After the start-up scans (run with the cyclic collector off): keep what they made
+    out of every later collection, and give their freed memory back to the system.
 
-    A restart's hint and a scan's sets are a few hundred megabytes at a million
-    sessions, freed before READY; glibc keeps freed heap for reuse and raises its
-    mmap threshold after big frees, so without this the daemon's RSS stays that
-    much higher for its whole life (BENCHMARKS.md, section 4). Elsewhere (musl)
-    there is nothing to call and nothing is done."""
+    A scan makes one small object per session and keeps it for the daemon's
+    life; with the collector on, each full collection during the scan walks all
+    of them again (a second of a restart at a million sessions), and so would
+    every full collection after it. ``gc.freeze`` moves them out of its sight;
+    they are still freed the usual way when a session goes (they hold no
+    cycles). A restart's hint and a scan's sets are a few hundred megabytes at a
+    million sessions, freed before READY; glibc keeps freed heap for reuse and
+    raises its mmap threshold after big frees, so without ``malloc_trim`` the
+    daemon's RSS stays that much higher for its whole life (BENCHMARKS.md,
+    section 4). Elsewhere (musl) there is nothing to call and nothing is done."""
+    gc.freeze()
+    gc.enable()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

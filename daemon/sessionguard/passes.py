@@ -95,8 +95,10 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
         return dict(outcomes, unchanged=unchanged, files=done - 1, abandoned=1)
     if unchanged:
         outcomes["unchanged"] += unchanged
-    known = set(ws.files) | set(cache or ())
-    for sid in sorted(known - seen):
+    # known but not seen: deleted while nobody looked (no million-entry sets built to find them)
+    gone = {sid for sid in ws.files if sid not in seen}
+    gone.update(sid for sid in cache or () if sid not in seen)
+    for sid in sorted(gone):
         outcomes[_evaluate_sid(tracker, ws, sid)] += 1
     if pinned is not None:
         outcomes.update(orphans(tracker, ws, seen, pinned))
