@@ -15,6 +15,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from . import fsutil
 from .count import key_hash, stat_key
@@ -88,11 +89,14 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
     # Without a hint most sessions of a start have no pin: one listing spares a lookup each.
     pinned = set(ws.store.pins.sids()) if find_orphans else None
     with ws.store.locks.keeping():
-        outcomes, seen, unchanged, done = _scan_files(tracker, ws, cache=cache, pinned=pinned, suffix=suffix,
-                                                          progress=progress, total=total, stop=stop)
-    if done is not None:
-        tracker.log.info("scan.abandoned", watch=ws.root, files=done - 1, why="the daemon is stopping")
-        return dict(outcomes, unchanged=unchanged, files=done - 1, abandoned=1)
+        walked = _scan_files(tracker, ws, cache=cache, pinned=pinned, suffix=suffix, progress=progress,
+                             total=total, stop=stop)
+    outcomes, seen, unchanged = walked.outcomes, walked.seen, walked.unchanged
+    if walked.stopped_at is not None:
+        tracker.log.info("scan.abandoned", watch=ws.root, files=walked.stopped_at - 1,
+                         why="the daemon is stopping")
+        return dict(outcomes, unchanged=unchanged, files=walked.stopped_at - 1, abandoned=1)
+    ws.store.sweep_listed(ws.root_fd, walked.tmps)
     if unchanged:
         outcomes["unchanged"] += unchanged
     # known but not seen: deleted while nobody looked (no million-entry sets built to find them)
@@ -107,18 +111,29 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
     return result
 
 
+@dataclass
+class _Walked:
+    """What a scan's walk did: outcomes, the sessions it saw, how many were unchanged,
+    the tmp files in the directory itself (for the sweep), and the file it stopped at
+    when told to stop (None: it went through)."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    seen: set[str] = field(default_factory=set)
+    unchanged: int = 0
+    tmps: list[str] = field(default_factory=list)
+    stopped_at: int | None = None
+
+
 def _scan_files(tracker: Tracker, ws: WatchState, *, cache: RestartHint | None, pinned: set[str] | None,
-                suffix: str, progress: Progress | None, total: int, stop: Callable[[], bool] | None
-                ) -> tuple[Counter[str], set[str], int, int | None]:
-    """The scan's walk: outcomes, the sessions seen, how many were unchanged, and the
-    file it stopped at when *stop* turned true (None: it went through)."""
-    outcomes: Counter[str] = Counter()
-    seen: set[str] = set()
+                suffix: str, progress: Progress | None, total: int, stop: Callable[[], bool] | None) -> _Walked:
+    walked = _Walked()
+    outcomes, seen = walked.outcomes, walked.seen
     unchanged = 0
     for done, (parts, entry) in enumerate(walk(ws), 1):
         if done % CHECK_EVERY == 0:
             if stop is not None and stop():
-                return outcomes, seen, unchanged, done
+                walked.unchanged, walked.stopped_at = unchanged, done
+                return walked
             if progress is not None and done % PROGRESS_EVERY == 0:
                 progress(done, max(total, done))
         if suffix and cache is not None and entry.name.endswith(suffix):
@@ -128,6 +143,9 @@ def _scan_files(tracker: Tracker, ws: WatchState, *, cache: RestartHint | None, 
                 seen.add(cached)
                 unchanged += 1
                 continue
+        if len(parts) == 1 and entry.name[:1] == "." and fsutil.TMP_MARK in entry.name:
+            walked.tmps.append(entry.name)  # a writer's tmp file (never a session: ids have no leading dot)
+            continue
         sid, why = ws.matcher.identify(parts)
         if sid is None and why is None:
             continue
@@ -138,7 +156,8 @@ def _scan_files(tracker: Tracker, ws: WatchState, *, cache: RestartHint | None, 
                 continue
         outcomes[tracker.evaluate_at(ws, parts, sid, why, unseen=True,
                                      pinless=pinned is not None and sid is not None and sid not in pinned)] += 1
-    return outcomes, seen, unchanged, None
+    walked.unchanged = unchanged
+    return walked
 
 
 def _named_by_cache(ws: WatchState, cache: RestartHint | None) -> str:

@@ -24,7 +24,9 @@ Layout (format 2; :mod:`sessionguard.migrate` upgrades older stores)::
 from __future__ import annotations
 
 import os
+import stat
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -373,27 +375,34 @@ class Store:
                     os.close(folder)
         return removed
 
+    def sweep_listed(self, dir_fd: int, names: Iterable[str]) -> int:
+        """As :meth:`sweep_tmp`, for the tmp files *names* of *dir_fd*, which the caller
+        listed anyway (a scan of the session directory: a million names)."""
+        return _sweep_names(dir_fd, names)
+
     def usage(self) -> tuple[int, int]:
         """(versions, bytes they hold): the running tally, no walk."""
         return self.versions.count, self.versions.total_bytes
 
 
 def _sweep(dir_fd: int) -> int:
+    with os.scandir(dir_fd) as it:  # the pins: a million names, few of them tmp
+        return _sweep_names(dir_fd, [entry.name for entry in it if fsutil.TMP_MARK in entry.name])
+
+
+def _sweep_names(dir_fd: int, names: Iterable[str]) -> int:
     removed = 0
     now = time.time()
-    with os.scandir(dir_fd) as it:  # the pins and the sessions: a million names each, few of them tmp
-        tmps = [entry for entry in it if fsutil.TMP_MARK in entry.name]
-    for entry in tmps:
-        pid = fsutil.tmp_owner_pid(entry.name)
-        if pid is None or not entry.is_file(follow_symlinks=False):
+    for name in names:
+        pid = fsutil.tmp_owner_pid(name)
+        if pid is None:
             continue
-        try:
-            young = now - entry.stat(follow_symlinks=False).st_mtime < _TMP_GRACE_SECONDS
-        except FileNotFoundError:
+        st = fsutil.lstat_at(dir_fd, name)
+        if st is None or not stat.S_ISREG(st.st_mode):
             continue
-        if _alive(pid) and young:
+        if _alive(pid) and now - st.st_mtime < _TMP_GRACE_SECONDS:
             continue
-        removed += fsutil.unlink_quietly(dir_fd, entry.name)
+        removed += fsutil.unlink_quietly(dir_fd, name)
     return removed
 
 

@@ -159,7 +159,7 @@ class Supervisor:
             ws.pin_method = self._pin_method(ws, store, st)
         if notice is not None:
             self.log.error("store.replaced", watch=ws.root, store=cfg.store_path, why=notice)
-        store.sweep_tmp(root_fd)
+        store.sweep_tmp()  # and the directory's own tmp files, as the scan lists them
 
     @staticmethod
     def _pin_method(ws: WatchState, store: Store, root: os.stat_result) -> Any:
