@@ -76,8 +76,11 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
          stop: Callable[[], bool] | None = None) -> dict[str, int]:
     """Every file against its pin. Sessions the daemon knew (or the cache knew) whose
     file is gone were deleted while nobody looked: their pins become versions.
-    *find_orphans* also lists every pin (a start without a cache); *progress* is told
-    how far the scan is every :data:`PROGRESS_EVERY` files.
+    *find_orphans* (a start without a cache) lists every pin first: sessions it did
+    not list are pinned without looking for a pin, and pins without a file are
+    kept as versions at the end. *progress* is told how far the scan is every
+    :data:`PROGRESS_EVERY` files. Tmp files of dead writers in the directory itself
+    are swept as the walk finds them.
 
     When *stop* turns true the scan ends where it is, with ``abandoned=1`` in its
     result: every file it did is as safe as after a kill there, and a scan that ran
