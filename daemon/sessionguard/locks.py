@@ -112,10 +112,11 @@ class Locks:
         return _Keeping(self)
 
     def _open(self) -> int:
-        """The descriptor to lock through: the kept one, or one for this hold alone."""
+        """The descriptor to lock through: the kept one, or one for this hold alone
+        (opened outside the guard: a slow store must not stall other sessions' holds)."""
+        if self._keep == 0 and self._kept < 0:
+            return os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
         with self._guard:
-            if self._keep == 0 and self._kept < 0:
-                return os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
             if self._kept < 0:
                 self._kept = os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
             self._active += 1
