@@ -131,16 +131,19 @@ def read_fd(fd: int, st: os.stat_result, max_bytes: int, name: str = "") -> byte
         raise FileTooLarge(errno.EFBIG, f"file is {st.st_size} bytes, cap is {max_bytes}", name)
     chunks: list[bytes] = []
     total = 0
-    offset = 0
     while True:
-        chunk = os.pread(fd, max(st.st_size - total, 0) + 65536, offset)
-        if not chunk:
-            break
+        want = max(st.st_size - total, 0) + 65536
+        chunk = os.pread(fd, want, total)
         total += len(chunk)
-        offset += len(chunk)
         if total > max_bytes:
             raise FileTooLarge(errno.EFBIG, f"file grew past the cap of {max_bytes} bytes", name)
-        chunks.append(chunk)
+        if chunk:
+            chunks.append(chunk)
+        # A short read at or past the size fstat gave is the end of the file: no second
+        # read to be told so (one system call per evaluation). A short read before that
+        # size (a file truncated meanwhile, a network filesystem) reads on to an empty one.
+        if not chunk or (len(chunk) < want and total >= st.st_size):
+            break
     return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
