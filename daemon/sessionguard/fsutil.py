@@ -215,7 +215,7 @@ def _create_mode(mode: int, owner: Owner) -> int:
     return mode if owner is None or owner == (os.geteuid(), os.getegid()) else 0o600
 
 
-def _set_owner(fd: int, mode: int, owner: Owner) -> os.stat_result:
+def set_mode_owner(fd: int, mode: int, owner: Owner) -> os.stat_result:
     """Give the new file *fd* the wanted *mode* and *owner*; its ``fstat`` after.
 
     A restore by root must not lock the server out of its own session; a root
@@ -257,7 +257,7 @@ def write_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, like: 
     try:
         try:
             _write_all(fd, data)
-            st = _set_owner(fd, mode, owner)
+            st = set_mode_owner(fd, mode, owner)
             if durable:
                 os.fsync(fd)
         finally:
@@ -338,7 +338,7 @@ def create_clone(src_fd: int, dir_fd: int, name: str, *, allow_reflink: bool, mo
     fd = os.open(tmp, os.O_RDWR | _NEW_FLAGS, _create_mode(mode, owner), dir_fd=dir_fd)
     try:
         method = clone_fd(src_fd, fd, allow_reflink=allow_reflink)
-        _set_owner(fd, mode, owner)
+        set_mode_owner(fd, mode, owner)
     except BaseException:
         os.close(fd)
         unlink_quietly(dir_fd, tmp)

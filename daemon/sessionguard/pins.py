@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import struct
 import time
 from collections.abc import Iterable, Iterator
@@ -317,20 +316,11 @@ class Pins:
         """Make the new pin *fd* the store's (``0600``, its owner) and carry the session's
         birth (*birth_ns*; None: born now, which a file just written already says);
         its ``fstat`` after. Only what differs is changed."""
-        st = os.fstat(fd)
-        changed = birth_ns is not None
-        if stat.S_IMODE(st.st_mode) != 0o600:  # a umask took bits we need
-            os.fchmod(fd, 0o600)
-            changed = True
-        if self._owner is not None and (st.st_uid, st.st_gid) != self._owner:
-            try:
-                os.fchown(fd, *self._owner)
-                changed = True
-            except PermissionError:
-                pass
-        if birth_ns is not None:
-            os.utime(fd, ns=(time.time_ns(), birth_ns))
-        return os.fstat(fd) if changed else st
+        st = fsutil.set_mode_owner(fd, 0o600, self._owner)
+        if birth_ns is None:
+            return st
+        os.utime(fd, ns=(time.time_ns(), birth_ns))
+        return os.fstat(fd)
 
     def drop(self, sid: str) -> bool:
         """Forget the pin (its session was deleted and the pin kept, or forgotten)."""
