@@ -402,7 +402,10 @@ def _sweep_names(dir_fd: int, names: Iterable[str]) -> int:
             continue
         if _alive(pid) and now - st.st_mtime < _TMP_GRACE_SECONDS:
             continue
-        removed += fsutil.unlink_quietly(dir_fd, name)
+        try:
+            removed += fsutil.unlink_quietly(dir_fd, name)
+        except OSError:  # immutable, or swapped for a directory since the lstat: next time
+            continue
     return removed
 
 
