@@ -72,6 +72,20 @@ def test_identify_ignores_what_is_not_a_session(matcher: Matcher, parts: tuple[s
     assert matcher.identify(parts) == (None, None)
 
 
+@pytest.mark.parametrize("matcher", [FLAT, Matcher(exclude=()), Matcher("*.jsonl"),
+                                     Matcher(exclude=(), skip=frozenset({"store.json"}))])
+@pytest.mark.parametrize("name", ["abc.json", "x.jsonl", ".json", "_index.json", ".hidden.json", ".x.json",
+                                  "abc.tmp.123.456.json", "x.json.bak", "store.json", NOT_UTF8, LONG + ".json"])
+def test_the_inotify_filter_passes_every_name_identify_looks_at(matcher: Matcher, name: str) -> None:
+    """The reader drops what ``may_be_session`` refuses: it must never refuse a name that
+    :meth:`identify` would guard or explain."""
+    assert matcher.may_be_session(name) or matcher.identify((name,)) == (None, None)
+
+
+def test_the_inotify_filter_drops_a_writers_tmp_names() -> None:
+    assert not any(FLAT.may_be_session(n) for n in ("x.json.tmp", ".x.json.swp", "_index.json", "x.txt"))
+
+
 @pytest.mark.parametrize(
     "matcher, parts, why",
     [

@@ -468,3 +468,33 @@ def test_a_pin_the_library_moved_is_the_one_compared(env: Env) -> None:
         assert 10 in [v.count for v in env.versions()]
     finally:
         guard.close()
+
+
+def test_the_worker_is_handed_session_names_only(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename write is four inotify events (tmp created, tmp closed, tmp moved away, the
+    session moved in); only the session's name may reach the worker, and it still keeps
+    what a wipe loses."""
+    from sessionguard.watch import Watcher
+
+    handed: list[str] = []
+    evaluate = env.tracker.evaluate
+
+    def recording(path: str, *, unseen: bool = False) -> str:
+        handed.append(path)
+        return evaluate(path, unseen=unseen)
+
+    monkeypatch.setattr(env.tracker, "evaluate", recording)
+    watcher = Watcher(env.tracker, env.log, on_overflow=lambda: None)
+    watcher.start()
+    try:
+        watcher.schedule(env.ws)
+        session = env.sdir / f"{SID}.json"
+        put(session, data(20))
+        assert watcher.sync([env.ws], 30)
+        put(session, data(0))
+        assert watcher.sync([env.ws], 30)
+    finally:
+        watcher.stop()
+    assert handed and set(handed) == {str(session)}
+    assert env.stats.snapshot().events >= 8  # every event is still counted
+    assert [v.count for v in env.versions()] == [20]

@@ -124,6 +124,14 @@ class Matcher:
     def excluded(self, name: str) -> bool:
         return self._excluded_re is not None and self._excluded_re.match(name) is not None
 
+    def may_be_session(self, name: str) -> bool:
+        """Could the name *name*, directly in the watched directory, be a session file?
+
+        True when :meth:`identify` would look at it (the id itself may still be
+        refused). The inotify reader asks this of every event's name, so a writer's
+        tmp file — three of a rename write's four events — never reaches the queue."""
+        return name not in self.skip and self._pattern_re.match(name) is not None and not self.excluded(name)
+
     def descend(self, parts: tuple[str, ...]) -> bool:
         """Should a recursive walk enter the directory at *parts* (relative to the root)?"""
         if not self.recursive or not parts:
