@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sessionguard import fsutil
+from sessionguard import count, fsutil
 from sessionguard.count import CountSpec, parse
 from sessionguard.errors import FileTooLarge, UnsafeSessionFile
 from sessionguard.rules import classify
@@ -69,3 +69,11 @@ def test_reads_refuse_fifos_symlinks_and_huge_files(tmp_path: Path) -> None:
             fsutil.read_regular("../t", 100, dir_fd=fd)  # one component, never a path
     finally:
         os.close(fd)
+
+
+def test_stat_hash_is_the_hash_of_the_stat_key(tmp_path: Path) -> None:
+    """Restart hints written with one form are read back with the other."""
+    f = tmp_path / "s.json"
+    f.write_bytes(b"{}")
+    st = os.stat(f)
+    assert count.stat_hash(st) == count.key_hash(count.stat_key(st))

@@ -293,6 +293,45 @@ def test_a_restart_with_the_cache_reads_only_what_changed(sdir: Path, monkeypatc
         second.close()
 
 
+@pytest.mark.parametrize("order", ["as-listed", "reversed", "shuffled"])
+def test_a_restart_adopts_whatever_order_the_hint_and_the_directory_are_in(sdir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          order: str) -> None:
+    """A restart compares each name with the hint's next id first (the directory lists its
+    names in the order the hint was made in); names out of that order — the hint's or the
+    directory's, sessions made or deleted while the daemon was down, the server's own
+    ``_index.json`` — are looked up instead: every unchanged session is still adopted
+    unread, the new one pinned, the deleted one's pin kept."""
+    sids = [f"s{i:011d}" for i in range(40)]
+    for i, sid in enumerate(sids):
+        put(sdir / f"{sid}.json", data(i % 7 + 1, sid))
+    first = Env(sdir)
+    passes.scan(first.tracker, first.ws)
+    entries = passes.cache_entries(first.ws)
+    listed = [n[:-5] for n in os.listdir(sdir) if n.endswith(".json")]
+    assert list(entries) == listed  # the hint is written in the order the scan listed the files
+    ids = {"as-listed": listed, "reversed": listed[::-1],
+           "shuffled": sorted(listed, key=lambda s: hash(s) % 97)}[order]
+    first.store.pins.save_cache({sid: entries[sid] for sid in ids}, first.ws.cache_settings())
+    first.close()
+    (sdir / f"{sids[5]}.json").unlink()
+    put(sdir / "snew0000000001.json", data(3, "snew0000000001"))
+    put(sdir / "_index.json", b'["not a session"]')
+    second = Env(sdir)
+    try:
+        cache = second.store.pins.load_cache(second.ws.cache_settings())
+        reads = count_reads(monkeypatch)
+        result = passes.scan(second.tracker, second.ws, cache)
+        assert (result["unchanged"], result["new"], result["deleted"], result["files"]) == (39, 1, 1, 40)
+        kept = [s for s in sids if s != sids[5]]
+        assert not set(reads) & ({f"{s}.json" for s in kept} | set(kept))  # neither file nor pin read
+        assert "snew0000000001.json" in reads
+        assert [(v.count, v.reason) for v in second.versions(sids[5])] == [(6, "deleted")]
+        assert set(second.ws.files) == (set(sids) - {sids[5]}) | {"snew0000000001"}
+    finally:
+        second.close()
+
+
 @pytest.mark.parametrize("change", [{"count": "turns"}, {"exclude": ("s00000000002*",)}, {"pattern": "s*.json"}],
                          ids=["count", "exclude", "pattern"])
 def test_a_cache_written_under_other_watch_settings_is_not_believed(sdir: Path, change: dict[str, object]) -> None:

@@ -26,7 +26,7 @@ import orjson
 
 from . import events, fsutil, metaload
 from .config import DEFAULT_INTENT_KEYS, load_file
-from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, count_doc, key_hash, parse, stat_key
+from .count import DEFAULT_MAX_BYTES, CountSpec, Parsed, count_doc, parse, stat_hash
 from .errors import CorruptSessionError, NotFound, PartialSessionError, UnsafeSessionFile
 from .events import GuardEvent
 from .naming import DEFAULT_EXCLUDE, Matcher, Reason, Version, validate_sid
@@ -176,7 +176,7 @@ class Guard:
             return PartialDocument(_without_messages(parsed.doc, self.spec.path))
         with self._lock:
             self._partial.discard(sid)
-            self._known[sid] = (key_hash(stat_key(st)), parsed.count)
+            self._known[sid] = (stat_hash(st), parsed.count)
         return parsed.messages if self.spec.kind == "jsonl" else parsed.doc
 
     # -- save ----------------------------------------------------------------------
@@ -229,7 +229,7 @@ class Guard:
             st = fsutil.write_file(dir_fd, name, w.data, mode=0o640, like=live)
             self.repin(sid, dir_fd, name, st)
             with self._lock:
-                self._known[sid] = (key_hash(stat_key(st)), w.count)
+                self._known[sid] = (stat_hash(st), w.count)
                 self._partial.discard(sid)
         return kept
 
@@ -248,7 +248,7 @@ class Guard:
         with self._lock:
             known = self._known.get(sid)
             partial = sid in self._partial
-        same = known is not None and known[0] == key_hash(stat_key(live))
+        same = known is not None and known[0] == stat_hash(live)
         if same and known is not None and not is_loss(known[1], count):
             return None
         fd, st = fsutil.open_regular(name, dir_fd=dir_fd)

@@ -15,10 +15,9 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from . import fsutil
-from .count import key_hash, stat_key
+from .count import stat_hash
 from .errors import UnsafeSessionFile
 from .pins import CacheEntry, RestartHint
 from .tracker import Tracker
@@ -91,9 +90,9 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
     suffix = _named_by_cache(ws, cache)
     # Without a hint most sessions of a start have no pin: one listing spares a lookup each.
     pinned = set(ws.store.pins.sids()) if find_orphans else None
+    walked = _Walk(tracker, ws, cache=cache, pinned=pinned, progress=progress, total=total, stop=stop)
     with ws.store.locks.keeping():
-        walked = _scan_files(tracker, ws, cache=cache, pinned=pinned, suffix=suffix, progress=progress,
-                             total=total, stop=stop)
+        walked.run(suffix)
     outcomes, seen, unchanged = walked.outcomes, walked.seen, walked.unchanged
     if walked.stopped_at is not None:
         tracker.log.info("scan.abandoned", watch=ws.root, files=walked.stopped_at - 1,
@@ -102,65 +101,138 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
     ws.store.sweep_listed(ws.root_fd, walked.tmps)
     if unchanged:
         outcomes["unchanged"] += unchanged
-    # known but not seen: deleted while nobody looked (no million-entry sets built to find them)
-    gone = {sid for sid in ws.files if sid not in seen}
-    gone.update(sid for sid in cache or () if sid not in seen)
+    # known but not met: deleted while nobody looked (no million-entry sets built to find them)
+    gone = {sid for sid in walked.known if sid not in seen}
+    if cache is not None:
+        gone.update(sid for sid in _unmet(cache, walked.met) if sid not in seen)
     for sid in sorted(gone):
         outcomes[_evaluate_sid(tracker, ws, sid)] += 1
     if pinned is not None:
         outcomes.update(orphans(tracker, ws, seen, pinned))
-    result = dict(outcomes, files=len(seen), duration_ms=int((time.monotonic() - started) * 1000))
+    files = len(seen) + walked.adopted
+    result = dict(outcomes, files=files, duration_ms=int((time.monotonic() - started) * 1000))
     tracker.log.info("scan.completed", watch=ws.root, sessions=len(ws.files), **result)
     return result
 
 
-@dataclass
-class _Walked:
-    """What a scan's walk did: outcomes, the sessions it saw, how many were unchanged,
-    the tmp files in the directory itself (for the sweep), and the file it stopped at
-    when told to stop (None: it went through)."""
-
-    outcomes: Counter[str] = field(default_factory=Counter)
-    seen: set[str] = field(default_factory=set)
-    unchanged: int = 0
-    tmps: list[str] = field(default_factory=list)
-    stopped_at: int | None = None
+def _unmet(cache: RestartHint, met: bytearray) -> Iterator[str]:
+    """The hint's ids the walk did not adopt (*met*: a mark per id, or empty: none was)."""
+    if not met:
+        yield from cache.ids
+        return
+    i = met.find(0)
+    while i >= 0:  # a restart over an unchanged directory: one pass in C over a million marks
+        yield cache.ids[i]
+        i = met.find(0, i + 1)
 
 
-def _scan_files(tracker: Tracker, ws: WatchState, *, cache: RestartHint | None, pinned: set[str] | None,
-                suffix: str, progress: Progress | None, total: int, stop: Callable[[], bool] | None) -> _Walked:
-    walked = _Walked()
-    outcomes, seen = walked.outcomes, walked.seen
-    unchanged = 0
-    for done, (parts, entry) in enumerate(walk(ws), 1):
-        if done % CHECK_EVERY == 0:
-            if stop is not None and stop():
-                walked.unchanged, walked.stopped_at = unchanged, done
-                return walked
-            if progress is not None and done % PROGRESS_EVERY == 0:
-                progress(done, max(total, done))
-        if suffix and cache is not None and entry.name.endswith(suffix):
-            cached = entry.name[:-len(suffix)]
-            hint = cache.get(cached)
-            if hint is not None and _adopt(ws, cached, entry, hint):
-                seen.add(cached)
-                unchanged += 1
-                continue
+class _Walk:
+    """One scan's walk over the directory, and what it did: outcomes, the sessions it
+    looked at one by one (*seen*), how many were unchanged, how many of those it adopted
+    from the restart hint as it met them (*adopted*; *met* marks them by their place in
+    the hint's ids), the sessions the daemon knew before it (*known*), the tmp files in
+    the directory itself (for the sweep), and the file it stopped at when told to stop
+    (None: it went through)."""
+
+    def __init__(self, tracker: Tracker, ws: WatchState, *, cache: RestartHint | None, pinned: set[str] | None,
+                 progress: Progress | None, total: int, stop: Callable[[], bool] | None) -> None:
+        self.tracker, self.ws, self.cache, self.pinned = tracker, ws, cache, pinned
+        self.progress, self.total, self.stop = progress, total, stop
+        self.known = list(ws.files)
+        self.outcomes: Counter[str] = Counter()
+        self.seen: set[str] = set()
+        self.unchanged = self.adopted = 0
+        self.met = bytearray()
+        self.tmps: list[str] = []
+        self.stopped_at: int | None = None
+
+    def run(self, suffix: str) -> None:
+        if suffix and self.cache is not None:
+            self._restart_flat(self.cache, suffix)
+            return
+        for done, (parts, entry) in enumerate(walk(self.ws), 1):
+            if done % CHECK_EVERY == 0 and self._stopping(done):
+                return
+            self._one(parts, entry, self.cache)
+
+    def _stopping(self, done: int) -> bool:
+        """Asked every :data:`CHECK_EVERY` files: told to stop? (progress every :data:`PROGRESS_EVERY`)"""
+        if self.stop is not None and self.stop():
+            self.stopped_at = done
+            return True
+        if self.progress is not None and done % PROGRESS_EVERY == 0:
+            self.progress(done, max(self.total, done))
+        return False
+
+    def _one(self, parts: tuple[str, ...], entry: os.DirEntry[str], cache: RestartHint | None) -> None:
+        """One entry of the walk, looked at on its own (*cache*: the hint, if not asked yet)."""
+        ws = self.ws
         if len(parts) == 1 and entry.name[:1] == "." and fsutil.TMP_MARK in entry.name:
-            walked.tmps.append(entry.name)  # a writer's tmp file (never a session: ids have no leading dot)
-            continue
+            self.tmps.append(entry.name)  # a writer's tmp file (never a session: ids have no leading dot)
+            return
         sid, why = ws.matcher.identify(parts)
         if sid is None and why is None:
-            continue
+            return
         if sid is not None:
-            seen.add(sid)
+            self.seen.add(sid)
             if _unchanged(ws, sid, entry, cache):
-                unchanged += 1
-                continue
-        outcomes[tracker.evaluate_at(ws, parts, sid, why, unseen=True,
-                                     pinless=pinned is not None and sid is not None and sid not in pinned)] += 1
-    walked.unchanged = unchanged
-    return walked
+                self.unchanged += 1
+                return
+        pinless = self.pinned is not None and sid is not None and sid not in self.pinned
+        self.outcomes[self.tracker.evaluate_at(ws, parts, sid, why, unseen=True, pinless=pinless)] += 1
+
+    def _restart_flat(self, cache: RestartHint, suffix: str) -> None:
+        """A restart of a flat watch with an exact hint: the directory's entries are met in
+        the order the hint lists them (its ids are in the order the last scan listed
+        them, and a directory lists its names in a stable order: a hash order on ext4
+        and XFS, whatever was rewritten since), so each name is first compared with the
+        next id. A session whose file is the one the hint describes (same identity, a
+        regular file, not someone else's hard link) is adopted with no read, no lookup
+        and no object but its entry; everything else (a name out of order, new,
+        changed) goes to :meth:`_one` like any scan's. This loop is a restart over a
+        million sessions: keep it lean."""
+        ws = self.ws
+        assert ws.root_fd is not None
+        ids, entry_at, keep, foreign = cache.ids, cache.entry, ws.files.setdefault, ws.foreign_link
+        n, cut = len(ids), len(suffix)
+        met = self.met = bytearray(n)
+        j = done = adopted = 0
+        fd = os.dup(ws.root_fd)
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    done += 1
+                    if done % CHECK_EVERY == 0 and self._stopping(done):
+                        return
+                    name = entry.name
+                    if j < n and name.startswith(ids[j]) and len(name) == len(ids[j]) + cut \
+                            and name.endswith(suffix):
+                        i = j
+                    elif name.endswith(suffix) and ws.matcher.may_be_session(name) \
+                            and (found := cache.index(name[:-cut])) is not None:
+                        i = found  # out of the hint's order (names came or went): on from here
+                    else:
+                        i = -1
+                    if i >= 0:
+                        j = i + 1
+                        try:
+                            st: os.stat_result | None = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            st = None
+                        hint = entry_at(i)
+                        if st is not None and hint[0] == stat_hash(st) and stat.S_ISREG(st.st_mode) \
+                                and (st.st_nlink == 1 or foreign(st) is None):
+                            tracked = Tracked(*hint)
+                            if keep(ids[i], tracked) is tracked:  # else the worker got to it first
+                                met[i] = 1
+                                adopted += 1
+                                continue
+                    if not entry.is_dir(follow_symlinks=False):  # the hint was asked already: not again
+                        self._one((name,), entry, None)
+        finally:
+            os.close(fd)
+            self.adopted = adopted
+            self.unchanged += adopted
 
 
 def _named_by_cache(ws: WatchState, cache: RestartHint | None) -> str:
@@ -180,7 +252,7 @@ def _unchanged(ws: WatchState, sid: str, entry: os.DirEntry[str], cache: Restart
     tracked = ws.files.get(sid)
     if tracked is not None:
         try:
-            return tracked.key == key_hash(stat_key(entry.stat(follow_symlinks=False)))
+            return tracked.key == stat_hash(entry.stat(follow_symlinks=False))
         except OSError:
             return False
     hint = cache.get(sid) if cache is not None else None
@@ -194,7 +266,7 @@ def _adopt(ws: WatchState, sid: str, entry: os.DirEntry[str], hint: CacheEntry) 
         st = entry.stat(follow_symlinks=False)
     except OSError:
         return False
-    if hint[0] != key_hash(stat_key(st)) or not stat.S_ISREG(st.st_mode) or ws.foreign_link(st) or sid in ws.files:
+    if hint[0] != stat_hash(st) or not stat.S_ISREG(st.st_mode) or ws.foreign_link(st) or sid in ws.files:
         return False
     ws.files[sid] = Tracked(*hint)
     return True
@@ -243,7 +315,7 @@ def reconcile(tracker: Tracker, ws: WatchState) -> dict[str, int]:
         if sid is not None:
             present.add(sid)
             t = ws.files.get(sid)
-            if t is not None and t.key == key_hash(stat_key(st)):
+            if t is not None and t.key == stat_hash(st):
                 continue
         if ws.skipped.get("/".join(parts)) == skip_key(st) or now - st.st_mtime < SETTLE_SECONDS:
             continue

@@ -34,6 +34,7 @@ proof: a wrong entry costs a read, not a version.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 import time
@@ -103,20 +104,25 @@ CacheEntry = tuple[int, int | None, int, int, int]
 class RestartHint:
     """``pins.cache`` as loaded: what the daemon knew of each session at its last clean stop.
 
-    Kept as the file has it — one index of ids, the entries packed — and an entry
+    Kept as the file has it — the ids in a list, the entries packed — and an entry
     unpacked only when the scan asks for it: a million entries cost tens of
     megabytes for the length of the scan instead of a parsed document's
     hundreds, and the objects the scan keeps are not strewn among freed ones
-    (RSS after a restart). *exact* when the hint says it was written under
-    the very watch settings the daemon now runs with (pattern, excludes, count,
-    …): its ids are then what the matcher would make of the same names, and a
-    restart need not work them out again. A hint from an older daemon or a
-    migration says nothing about its settings and is used, but not that far.
+    (RSS after a restart). The ids are in the order the daemon came to know the
+    sessions, which is the order its scan listed them in: a restart over an
+    unchanged directory meets them in the same order (:attr:`ids`, :meth:`entry`)
+    and never needs the id → entry index, which is only built when asked
+    (:meth:`get`). *exact* when the hint says it was written under the very
+    watch settings the daemon now runs with (pattern, excludes, count, …): its
+    ids are then what the matcher would make of the same names, and a restart
+    need not work them out again. A hint from an older daemon or a migration
+    says nothing about its settings and is used, but not that far.
     """
 
     def __init__(self, ids: list[str] | None = None, records: bytes = b"", *, exact: bool = False) -> None:
-        ids = ids or []
-        self._index = dict(zip(ids, range(len(ids)), strict=True))
+        self.ids: list[str] = ids or []
+        if len(records) != len(self.ids) * _RECORD.size:
+            raise ValueError("pins.cache: as many entries as ids")
         self._records = records
         self.exact = exact
 
@@ -124,18 +130,28 @@ class RestartHint:
     def of(cls, entries: dict[str, CacheEntry]) -> RestartHint:
         return cls(list(entries), _pack(entries.values()))
 
-    def get(self, sid: str) -> CacheEntry | None:
-        i = self._index.get(sid)
-        if i is None:
-            return None
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return dict(zip(self.ids, range(len(self.ids)), strict=True))
+
+    def index(self, sid: str) -> int | None:
+        """Where *sid* is in :attr:`ids`, or None."""
+        return self._index.get(sid)
+
+    def entry(self, i: int) -> CacheEntry:
+        """The entry of ``ids[i]``."""
         key, count, first, prev, pin = _RECORD.unpack_from(self._records, i * _RECORD.size)
         return (key, None if count < 0 else count, first, prev, pin)
 
+    def get(self, sid: str) -> CacheEntry | None:
+        i = self._index.get(sid)
+        return None if i is None else self.entry(i)
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self._index)
+        return iter(self.ids)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self.ids)
 
 
 def _pack(entries: Iterable[CacheEntry]) -> bytes:

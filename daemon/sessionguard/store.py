@@ -386,8 +386,8 @@ class Store:
 
 
 def _sweep(dir_fd: int) -> int:
-    with os.scandir(dir_fd) as it:  # the pins: a million names, few of them tmp
-        return _sweep_names(dir_fd, [entry.name for entry in it if fsutil.TMP_MARK in entry.name])
+    mark = fsutil.TMP_MARK  # the pins: a million names, few of them tmp (listdir: no DirEntry each)
+    return _sweep_names(dir_fd, [name for name in os.listdir(dir_fd) if mark in name])
 
 
 def _sweep_names(dir_fd: int, names: Iterable[str]) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import fsutil
-from .count import Parsed, key_hash, parse, stat_key
+from .count import Parsed, parse, stat_hash
 from .errors import FileTooLarge, SessionLocked, StoreError, UnsafeSessionFile
 from .pins import compress
 from .rules import Identity, is_loss, replaced
@@ -182,7 +182,7 @@ class Tracker:
             if why is not None:  # checked on the opened file: a name swapped after a stat cannot slip through
                 return self._give_up(case, why, st)
             tracked = self._still_pinned(case, ws.files.get(case.sid), st)
-            if tracked is not None and tracked.key == key_hash(stat_key(st)):
+            if tracked is not None and tracked.key == stat_hash(st):
                 return "unchanged"
             try:
                 data = fsutil.read_fd(fd, st, ws.cfg.max_file_bytes, case.rel)
@@ -294,7 +294,7 @@ class Tracker:
                 if cloned[0] != live.data:
                     new = parse(cloned[0], ws.spec)  # an in-place writer moved on: describe what is pinned
         ident = Identity.of(new)
-        ws.files[case.sid] = Tracked(key_hash(stat_key(live.st)), new.count, ident.first if ident else 0,
+        ws.files[case.sid] = Tracked(stat_hash(live.st), new.count, ident.first if ident else 0,
                                      ident.prev if ident else 0, pin_key(pst))
         mark = ws.restored.get(case.sid)
         if mark is not None and new.count is not None and (mark.count is None or new.count > mark.count):
