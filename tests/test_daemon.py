@@ -117,6 +117,30 @@ def test_sync_cookies_of_a_killed_daemon_are_removed_at_start(sdir, daemons) -> 
     assert not [n for n in os.listdir(sdir) if n.startswith(COOKIE_PREFIX)]
 
 
+def test_a_killed_writers_tmp_files_in_the_store_are_swept_after_ready(sdir, daemons) -> None:
+    """Crash leftovers in the store take space, nothing more: maintenance sweeps them a
+    second after READY (a start does not list a million pins first) and says so."""
+    from sessionguard.fsutil import TMP_MARK
+
+    first = daemons("--watch", str(sdir))
+    server_write(sdir / f"{SID}.json", make_session(5))
+    first.sync()
+    server_write(sdir / f"{SID}.json", make_session(0))
+    assert kept(sdir, 5).source == "daemon"  # a version: the session has a folder
+    first.stop()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    store = sdir / ".sessionguard"
+    folder = next((store / "sessions").iterdir())
+    left = [store / "pins" / f".{SID}{TMP_MARK}{dead}-0badc0de", folder / f".v{TMP_MARK}{dead}-0badc0de"]
+    for path in left:
+        path.write_bytes(b"torn")
+    d = daemons("--watch", str(sdir))
+    swept = d.wait_event("store.swept")
+    assert swept["removed"] == 2 and not any(p.exists() for p in left)
+    d.assert_alive()
+
+
 def test_growing_writes_keep_no_version(sdir, daemons) -> None:
     d = daemons("--watch", str(sdir))
     for n in (1, 5, 50, 500):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import re
 import signal
@@ -123,10 +124,12 @@ class Supervisor:
         """Start a daemon and wait for ``daemon.started``; after a kill, check what it left."""
         d, tail = self._spawn_daemon()
         deadline = time.monotonic() + 120
-        while not any(e.get("event") == "daemon.started" for e in tail.events()):
+        seen: list[dict[str, Any]] = []
+        while not any(e.get("event") == "daemon.started" for e in seen):
             self._alive_until(d, deadline, "start")
             time.sleep(0.005)
-        self._up(d, tail)
+            seen += tail.events()
+        self._up(d, tail, seen)
 
     @staticmethod
     def _alive_until(d: DaemonProc, deadline: float, what: str) -> None:
@@ -136,17 +139,27 @@ class Supervisor:
             d.kill()
             raise RuntimeError(f"sessionguardd did not {what} in time:\n{d.text()}")
 
-    def _up(self, d: DaemonProc, tail: LogTail) -> None:
+    def _up(self, d: DaemonProc, tail: LogTail, seen: list[dict[str, Any]]) -> None:
         self.windows.append([time.monotonic(), float("nan")])
         self.daemon, self.tail = d, tail
         self.launches += 1
         if self.killed_pids:
-            self._check_restart()
+            self._check_restart(d, tail, seen)
 
-    def _check_restart(self) -> None:
-        """The start-up scan is done: no tmp file of a killed daemon, and every file
-        unchanged since before the kill is pinned exactly as it is."""
-        self.tmp_leftovers.update(tmp_files([self.store, self.sdir], self.killed_pids))
+    def _swept(self, d: DaemonProc, tail: LogTail, seen: list[dict[str, Any]]) -> None:
+        """Wait for the store's leftovers sweep, which maintenance makes a second after READY."""
+        deadline = time.monotonic() + 60
+        while not any(e.get("event") == "store.swept" for e in seen):
+            self._alive_until(d, deadline, "sweep the store")
+            time.sleep(0.005)
+            seen = tail.events()
+
+    def _check_restart(self, d: DaemonProc, tail: LogTail, seen: list[dict[str, Any]]) -> None:
+        """The start-up scan is done: no tmp file of a killed daemon in the directory (the
+        scan swept them), and every file unchanged since before the kill is pinned exactly
+        as it is; once maintenance swept the store, no tmp file of a killed daemon there."""
+        store = os.path.realpath(self.store) + os.sep  # the store is in the directory: checked below
+        self.tmp_leftovers.update(p for p in tmp_files([self.sdir], self.killed_pids) if not p.startswith(store))
         self.cookies_left.update(cookies_of(self.sdir, self.killed_pids))
         now = live_keys(self.sdir)
         matched = {sid for sid in now if pin_matches(self.store, self.sdir, sid)}
@@ -156,6 +169,8 @@ class Supervisor:
                 self.pin_checks += 1
                 if sid not in matched:
                     self.missing_pins.append(f"after restart {self.launches - 1}: {sid} {key}")
+        self._swept(d, tail, seen)
+        self.tmp_leftovers.update(tmp_files([self.store], self.killed_pids))
 
     def kill(self, plan: str) -> None:
         d = self.daemon
@@ -246,7 +261,7 @@ class Supervisor:
                 self._alive_until(d, deadline, "start")
                 seen += tail.events()
                 time.sleep(0.005)
-            self._up(d, tail)
+            self._up(d, tail, seen)
             self.kill("first-scan-missed")
             return max(1.0, 1.1 * float(done["duration_ms"]) / 1000)
         plan, during = self._interrupt(d)

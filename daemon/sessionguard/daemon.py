@@ -256,6 +256,7 @@ class Daemon:
         for ws in self.tracker.watches:
             self.supervisor.check(ws)
             if ws.available:
+                self.supervisor.sweep_leftovers(ws)
                 passes.retry_deferred(self.tracker, ws, LOCK_DEGRADED_SECONDS)
         if orphans:  # pins the daemon never knew (the library's): after READY, not before
             for ws in available:

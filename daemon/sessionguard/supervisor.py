@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -159,7 +160,7 @@ class Supervisor:
             ws.pin_method = self._pin_method(ws, store, st)
         if notice is not None:
             self.log.error("store.replaced", watch=ws.root, store=cfg.store_path, why=notice)
-        store.sweep_tmp()  # and the directory's own tmp files, as the scan lists them
+        ws.sweep_due = True  # the store's, after READY; the directory's own as the scan lists them
 
     @staticmethod
     def _pin_method(ws: WatchState, store: Store, root: os.stat_result) -> Any:
@@ -262,6 +263,21 @@ class Supervisor:
         self._close(ws)
 
     # -- every second ---------------------------------------------------------------------
+
+    def sweep_leftovers(self, ws: WatchState) -> None:
+        """The tmp files that writers killed mid-write left in the store, once after each
+        opening of it — by maintenance, after READY: they only take space (no pin or
+        version is ever read from a tmp name, and new tmp names never collide with them),
+        and listing a million pins would hold up a start for nothing."""
+        store = ws.store
+        if not ws.sweep_due or store is None:
+            return
+        ws.sweep_due = False
+        started = time.monotonic()
+        with ws.gate.shared():
+            removed = store.sweep_tmp()
+        self.log.info("store.swept", watch=ws.root, store=store.where, removed=removed,
+                      duration_ms=int((time.monotonic() - started) * 1000))
 
     def check(self, ws: WatchState) -> None:
         """Directory still the one watched? Store still in place? inotify back?"""

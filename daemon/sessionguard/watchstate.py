@@ -136,6 +136,8 @@ class WatchState:
         self.available = False
         self.polled = False
         self.pin_method: Method = "copy"
+        #: The store was opened and its crash leftovers are not swept yet (maintenance does).
+        self.sweep_due = False
         self.files: dict[str, Tracked] = {}
         self.skipped: dict[str, SkipKey] = {}
         self.failing: set[str] = set()
