@@ -126,6 +126,9 @@ def _starts(t: Table, n: str, row: dict[str, Any], *, scale: bool) -> None:
     t.add(f"{n}: restart read no session file", "yes" if row["restart_read_nothing"] else "NO",
           f"scan: {r['scan']}", None, "reported")
     t.add(f"{n}: clean stop (writes pins.cache)", f"{f['clean_stop_s']:.2f} s", "", None, "reported")
+    if "store_sweep_ms" in r:  # results from before the sweep moved after READY have none
+        t.add(f"{n}: the store's leftovers sweep after READY, first start; restart",
+              f"{f['store_sweep_ms']} ms; {r['store_sweep_ms']} ms", "", None, "reported")
 
 
 def startup(s: dict[str, Any]) -> Table:
