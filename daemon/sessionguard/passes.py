@@ -288,9 +288,11 @@ def orphans(tracker: Tracker, ws: WatchState, seen: set[str] | None = None,
     the pins as the caller listed them (else they are listed now)."""
     assert ws.store is not None
     out: Counter[str] = Counter()
-    for sid in pinned if pinned is not None else list(ws.store.pins.sids()):
-        if sid in ws.files or (seen is not None and sid in seen):
-            continue
+    # the listing streamed and only the orphans kept: a list of a million pins' names,
+    # made after READY, would stay in the daemon's heap (RSS) for its life
+    found = [sid for sid in (pinned if pinned is not None else ws.store.pins.sids())
+             if sid not in ws.files and (seen is None or sid not in seen)]
+    for sid in found:
         out[_evaluate_sid(tracker, ws, sid)] += 1
     return out
 

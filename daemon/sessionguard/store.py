@@ -386,8 +386,10 @@ class Store:
 
 
 def _sweep(dir_fd: int) -> int:
-    mark = fsutil.TMP_MARK  # the pins: a million names, few of them tmp (listdir: no DirEntry each)
-    return _sweep_names(dir_fd, [name for name in os.listdir(dir_fd) if mark in name])
+    # the pins: a million names, few of them tmp. Streamed, never listed whole: a list of a
+    # million names would stay in the daemon's heap (RSS) for its life.
+    with os.scandir(dir_fd) as it:
+        return _sweep_names(dir_fd, [entry.name for entry in it if fsutil.TMP_MARK in entry.name])
 
 
 def _sweep_names(dir_fd: int, names: Iterable[str]) -> int:
