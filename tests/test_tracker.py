@@ -285,8 +285,7 @@ def test_a_restart_with_the_cache_reads_only_what_changed(sdir: Path, monkeypatc
         assert not set(reads) & ({f"{s}.json" for s in sids[2:]} | set(sids[2:]))  # adopted unread
         assert f"{sids[0]}.json" in reads
         assert [(v.count, v.reason) for v in second.versions(sids[1])] == [(2, "deleted")]
-        assert {s: (t.count, t.key) for s, t in second.ws.files.items() if s in sids[2:]} == \
-            {s: (entry[1], entry[0]) for s in sids[2:] if (entry := cache.get(s)) is not None}
+        assert {s: second.ws.files.entry(s) for s in sids[2:]} == {s: cache.get(s) for s in sids[2:]}
         reads.clear()
         assert passes.scan(second.tracker, second.ws)["unchanged"] == 5 and reads == []
     finally:
@@ -328,6 +327,37 @@ def test_a_restart_adopts_whatever_order_the_hint_and_the_directory_are_in(sdir:
         assert "snew0000000001.json" in reads
         assert [(v.count, v.reason) for v in second.versions(sids[5])] == [(6, "deleted")]
         assert set(second.ws.files) == (set(sids) - {sids[5]}) | {"snew0000000001"}
+    finally:
+        second.close()
+
+
+def test_a_session_adopted_from_the_hint_is_guarded_as_if_it_had_been_read(sdir: Path) -> None:
+    """A restart keeps an adopted session as its place in the hint (no object): a wipe
+    after it still keeps the version with the hint's count, a clean stop writes the same
+    entries back, and a second hint turns the first one's places into objects."""
+    sids = [f"s{i:011d}" for i in range(5)]
+    for i, sid in enumerate(sids):
+        put(sdir / f"{sid}.json", data(i + 3, sid))
+    first = Env(sdir)
+    passes.scan(first.tracker, first.ws)
+    written = passes.cache_entries(first.ws)
+    first.store.pins.save_cache(written, first.ws.cache_settings())
+    first.close()
+    second = Env(sdir)
+    try:
+        cache = second.store.pins.load_cache(second.ws.cache_settings())
+        assert passes.scan(second.tracker, second.ws, cache)["unchanged"] == 5
+        assert all(isinstance(dict.get(second.ws.files, s), int) for s in sids)  # places, not objects
+        assert passes.cache_entries(second.ws) == written
+        assert second.ws.files.key(sids[1]) == written[sids[1]][0]
+        put(sdir / f"{sids[1]}.json", data(0, sids[1]))
+        assert second.ev(f"{sids[1]}.json") == "shrunk"
+        assert [v.count for v in second.versions(sids[1])] == [4]
+        again = second.store.pins.load_cache(second.ws.cache_settings())  # another hint object
+        second.ws.files.refer_to(again)
+        assert not any(isinstance(dict.get(second.ws.files, s), int) for s in sids)
+        assert {s: second.ws.files.entry(s) for s in sids if s != sids[1]} == \
+            {s: e for s, e in written.items() if s != sids[1]}
     finally:
         second.close()
 

@@ -193,7 +193,8 @@ class _Walk:
         million sessions: keep it lean."""
         ws = self.ws
         assert ws.root_fd is not None
-        ids, entry_at, keep, foreign = cache.ids, cache.entry, ws.files.setdefault, ws.foreign_link
+        ids, keys, keep, foreign = cache.ids, cache.keys, ws.files.setdefault, ws.foreign_link
+        ws.files.refer_to(cache)
         n, cut = len(ids), len(suffix)
         met = self.met = bytearray(n)
         j = done = adopted = 0
@@ -219,14 +220,12 @@ class _Walk:
                             st: os.stat_result | None = entry.stat(follow_symlinks=False)
                         except OSError:
                             st = None
-                        hint = entry_at(i)
-                        if st is not None and hint[0] == stat_hash(st) and stat.S_ISREG(st.st_mode) \
-                                and (st.st_nlink == 1 or foreign(st) is None):
-                            tracked = Tracked(*hint)
-                            if keep(ids[i], tracked) is tracked:  # else the worker got to it first
-                                met[i] = 1
-                                adopted += 1
-                                continue
+                        # kept as its place in the hint (is not i: the worker got to it first)
+                        if st is not None and keys[i] == stat_hash(st) and stat.S_ISREG(st.st_mode) \
+                                and (st.st_nlink == 1 or foreign(st) is None) and keep(ids[i], i) is i:
+                            met[i] = 1
+                            adopted += 1
+                            continue
                     if not entry.is_dir(follow_symlinks=False):  # the hint was asked already: not again
                         self._one((name,), entry, None)
         finally:
@@ -249,10 +248,10 @@ def _named_by_cache(ws: WatchState, cache: RestartHint | None) -> str:
 
 def _unchanged(ws: WatchState, sid: str, entry: os.DirEntry[str], cache: RestartHint | None) -> bool:
     """The file is the one pinned, by its identity alone (no read): adopt what is known."""
-    tracked = ws.files.get(sid)
-    if tracked is not None:
+    key = ws.files.key(sid)
+    if key is not None:
         try:
-            return tracked.key == stat_hash(entry.stat(follow_symlinks=False))
+            return key == stat_hash(entry.stat(follow_symlinks=False))
         except OSError:
             return False
     hint = cache.get(sid) if cache is not None else None
@@ -316,8 +315,7 @@ def reconcile(tracker: Tracker, ws: WatchState) -> dict[str, int]:
             continue
         if sid is not None:
             present.add(sid)
-            t = ws.files.get(sid)
-            if t is not None and t.key == stat_hash(st):
+            if ws.files.key(sid) == stat_hash(st):
                 continue
         if ws.skipped.get("/".join(parts)) == skip_key(st) or now - st.st_mtime < SETTLE_SECONDS:
             continue
@@ -349,4 +347,4 @@ def retry_deferred(tracker: Tracker, ws: WatchState, degraded_after: float) -> N
 
 def cache_entries(ws: WatchState) -> dict[str, CacheEntry]:
     """What to write to ``pins.cache`` at a clean stop."""
-    return {sid: (t.key, t.count, t.first, t.prev, t.pin) for sid, t in list(ws.files.items())}
+    return ws.files.entries()

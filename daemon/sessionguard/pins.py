@@ -37,8 +37,9 @@ import errno
 import functools
 import os
 import struct
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -94,6 +95,7 @@ _HEAD = struct.Struct("<4sII")  # magic, version, length of the settings
 _COUNT = struct.Struct("<Q")
 #: key, count (-1: unparseable), first, prev, pin: Python hashes are signed, message keys not.
 _RECORD = struct.Struct("<qqQQq")
+_FIELDS = 5  # of 8 bytes each: the key first
 
 #: One cached pin: hash of the live file's (dev, ino, size, mtime_ns) key, its
 #: count (None: unparseable), the keys of its first and next-to-last messages,
@@ -124,6 +126,9 @@ class RestartHint:
         if len(records) != len(self.ids) * _RECORD.size:
             raise ValueError("pins.cache: as many entries as ids")
         self._records = records
+        #: Each entry's key (``stat_hash`` of the live file), by place: read in place, no unpacking.
+        self.keys: Sequence[int] = (memoryview(records).cast("q")[::_FIELDS] if sys.byteorder == "little"
+                                    else [key for key, *_ in _RECORD.iter_unpack(records)])
         self.exact = exact
 
     @classmethod

@@ -117,22 +117,23 @@ class Service:
         return {"sessions": rows}
 
     def _row(self, ws: WatchState, sid: str, has_versions: bool, over: Any) -> dict[str, Any]:
-        tracked = ws.files.get(sid)
+        known = ws.files.entry(sid)  # no object made: a list goes through every session
+        count = known[1] if known is not None else None
         versions = self._versions(ws, sid) if has_versions else []
         newest = latest_change(versions)
         state = "ok" if newest is None else STATE_BY_REASON.get(newest.reason, "ok")
-        if tracked is None:
+        if known is None:
             state = "deleted"
         elif state in ("shrunk", "unparseable"):
             candidate = restore_candidate(versions)
-            if candidate is not None and tracked.count is not None and not is_loss(candidate.count, tracked.count):
+            if candidate is not None and count is not None and not is_loss(candidate.count, count):
                 state = "ok"  # grown past the damage since: recover leaves it alone too
         counts = [v.count for v in versions if v.count is not None]
-        if tracked is not None and tracked.count is not None:
-            counts.append(tracked.count)
+        if count is not None:
+            counts.append(count)
         losses = [v for v in versions if v.is_loss or v.reason == "intended"]
         last = losses[-1] if losses else None
-        return {"sid": sid, "watch": ws.root, "state": state, "count": tracked.count if tracked else None,
+        return {"sid": sid, "watch": ws.root, "state": state, "count": count,
                 "high_water": max(counts, default=None), "versions": len(versions),
                 "last_loss": {"reason": last.reason, "at": iso(last.created), "before": last.count,
                               "after": None} if last else None,

@@ -181,7 +181,7 @@ class Tracker:
                 why = ws.foreign_link(st, case.store.pins.stat(case.sid))
             if why is not None:  # checked on the opened file: a name swapped after a stat cannot slip through
                 return self._give_up(case, why, st)
-            tracked = self._still_pinned(case, ws.files.get(case.sid), st)
+            tracked = self._still_pinned(case, ws.files.tracked(case.sid), st)
             if tracked is not None and tracked.key == stat_hash(st):
                 return "unchanged"
             try:

@@ -19,6 +19,7 @@ from . import fsutil
 from .config import WatchConfig
 from .count import CountSpec, key_hash, stat_key
 from .naming import Matcher, Method
+from .pins import CacheEntry, RestartHint
 from .rules import Identity
 from .store import Store
 
@@ -109,6 +110,72 @@ class Tracked:
         return Identity(self.count, self.first, self.prev)
 
 
+class Sessions(dict[str, "Tracked | int"]):
+    """The sessions a watch tracks: id → :class:`Tracked`, or — for a session a restart
+    adopted from its hint and nothing touched since — the session's place in that hint,
+    made a :class:`Tracked` only when first asked for (:meth:`tracked`). A restart over a
+    million sessions then keeps one small int per session instead of an object and four
+    ints: RSS 386 → 156 MiB here, and a second less to start.
+
+    Read values through :meth:`tracked`, :meth:`key` or :meth:`entry`, never as a plain
+    dict's: a value may be a place. :meth:`key` and :meth:`entry` make no object (a
+    reconciliation or a ``list`` goes through every session)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: What the places refer to (the restart hint, kept while any place is left).
+        self.hint: RestartHint | None = None
+        self._lock = threading.Lock()
+
+    def refer_to(self, hint: RestartHint) -> None:
+        """Places from now on are places in *hint* (those in an earlier one become objects)."""
+        if self.hint is not None and self.hint is not hint:
+            for sid in list(self):
+                self.tracked(sid)
+        self.hint = hint
+
+    def tracked(self, sid: str) -> Tracked | None:
+        value = self.get(sid)
+        if value is None or isinstance(value, Tracked):
+            return value
+        with self._lock:  # one object per session, whichever thread asks first
+            value = self.get(sid)
+            if isinstance(value, int):
+                value = self[sid] = Tracked(*self._hint().entry(value))
+        return value
+
+    def key(self, sid: str) -> int | None:
+        """The tracked live file's identity (``stat_hash``), or None."""
+        value = self.get(sid)
+        if value is None or isinstance(value, Tracked):
+            return None if value is None else value.key
+        return self._hint().keys[value]
+
+    def entry(self, sid: str) -> CacheEntry | None:
+        """What is known of *sid* as a restart hint's entry, or None."""
+        value = self.get(sid)
+        if value is None or isinstance(value, Tracked):
+            return None if value is None else (value.key, value.count, value.first, value.prev, value.pin)
+        return self._hint().entry(value)
+
+    def entries(self) -> dict[str, CacheEntry]:
+        """Every session's entry (for ``pins.cache`` at a clean stop)."""
+        out: dict[str, CacheEntry] = {}
+        for sid in list(self):
+            entry = self.entry(sid)
+            if entry is not None:
+                out[sid] = entry
+        return out
+
+    def clear(self) -> None:
+        super().clear()
+        self.hint = None
+
+    def _hint(self) -> RestartHint:
+        assert self.hint is not None, "a place without a hint"
+        return self.hint
+
+
 @dataclass
 class RestoreMark:
     """A restore the daemon made, watched until the session grows past it."""
@@ -138,7 +205,7 @@ class WatchState:
         self.pin_method: Method = "copy"
         #: The store was opened and its crash leftovers are not swept yet (maintenance does).
         self.sweep_due = False
-        self.files: dict[str, Tracked] = {}
+        self.files = Sessions()
         self.skipped: dict[str, SkipKey] = {}
         self.failing: set[str] = set()
         self.deferred: dict[str, float] = {}
