@@ -187,8 +187,9 @@ class _Walk:
         them, and a directory lists its names in a stable order: a hash order on ext4
         and XFS, whatever was rewritten since), so each name is first compared with the
         next id. A session whose file is the one the hint describes (same identity, a
-        regular file, not someone else's hard link) is adopted with no read, no lookup
-        and no object but its entry; everything else (a name out of order, new,
+        regular file, not someone else's hard link) is adopted with no read and no
+        lookup, and kept as its place in the hint (:class:`~.watchstate.Sessions`: no
+        object until something asks); everything else (a name out of order, new,
         changed) goes to :meth:`_one` like any scan's. This loop is a restart over a
         million sessions: keep it lean."""
         ws = self.ws

@@ -255,7 +255,7 @@ class Pins:
         doubled a pin's wall time and competed with the server's own fsyncs
         (benchmarks/, "pinpath"). A pin needs no such help: it is never
         trusted after a crash (see the module docstring). A daemon killed
-        between the swap and the unlink leaves a tmp name, swept at bring-up.
+        between the swap and the unlink leaves a tmp name, swept after the next start.
         A *fresh* pin never replaces one (``RENAME_NOREPLACE``).
         """
         if fresh:
