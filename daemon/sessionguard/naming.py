@@ -129,7 +129,8 @@ class Matcher:
 
         True when :meth:`identify` would look at it (the id itself may still be
         refused). The inotify reader asks this of every event's name, so a writer's
-        tmp file — three of a rename write's four events — never reaches the queue."""
+        tmp file — three of a rename write's four events — never reaches the queue;
+        a restart asks it before looking a name up in its hint."""
         return name not in self.skip and self._pattern_re.match(name) is not None and not self.excluded(name)
 
     def descend(self, parts: tuple[str, ...]) -> bool:
