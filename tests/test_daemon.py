@@ -226,6 +226,15 @@ def test_restart_does_not_reread_unchanged_files(sdir, daemons) -> None:
     d2 = daemons("--watch", str(sdir))
     scan = d2.wait_event("scan.completed")
     assert scan.get("unchanged") == 20 and "new" not in scan and "grew" not in scan
+    # adopted unread, kept as places in the hint: listed, guarded and written back as if read
+    rows = {r["sid"]: r for r in d2.call("list")["sessions"]}
+    assert {sid: r["count"] for sid, r in rows.items()} == {f"s{i}": 5 for i in range(20)}
+    server_write(sdir / "s3.json", make_session(0, "s3"))
+    assert kept(sdir, 5, "s3").source == "daemon"
+    d2.stop()
+    d3 = daemons("--watch", str(sdir))
+    scan = d3.wait_event("scan.completed")
+    assert scan.get("unchanged") == 20 and "new" not in scan and "grew" not in scan
 
 
 @pytest.mark.parametrize("pin", ["link"])
