@@ -124,7 +124,7 @@ class Sessions(dict[str, "Tracked | int"]):
 
     def __init__(self) -> None:
         super().__init__()
-        #: What the places refer to (the restart hint, kept while any place is left).
+        #: What the places refer to: the restart hint, kept until the sessions are cleared.
         self.hint: RestartHint | None = None
         self._lock = threading.Lock()
 
