@@ -194,7 +194,7 @@ class _Walk:
         million sessions: keep it lean."""
         ws = self.ws
         assert ws.root_fd is not None
-        ids, keys, keep, foreign = cache.ids, cache.keys, ws.files.setdefault, ws.foreign_link
+        ids, keys, keep = cache.ids, cache.keys, ws.files.setdefault
         ws.files.refer_to(cache)
         n, cut = len(ids), len(suffix)
         met = self.met = bytearray(n)
@@ -217,13 +217,8 @@ class _Walk:
                         i = -1
                     if i >= 0:
                         j = i + 1
-                        try:
-                            st: os.stat_result | None = entry.stat(follow_symlinks=False)
-                        except OSError:
-                            st = None
                         # kept as its place in the hint (is not i: the worker got to it first)
-                        if st is not None and keys[i] == stat_hash(st) and stat.S_ISREG(st.st_mode) \
-                                and (st.st_nlink == 1 or foreign(st) is None) and keep(ids[i], i) is i:
+                        if _believable(ws, entry, keys[i]) and keep(ids[i], i) is i:
                             met[i] = 1
                             adopted += 1
                             continue
@@ -262,14 +257,20 @@ def _unchanged(ws: WatchState, sid: str, entry: os.DirEntry[str], cache: Restart
 def _adopt(ws: WatchState, sid: str, entry: os.DirEntry[str], hint: CacheEntry) -> bool:
     """The restart hint's entry for a session the daemon does not track yet: believed,
     with no read, when the file's identity is still the one it names."""
+    if sid in ws.files or not _believable(ws, entry, hint[0]):
+        return False
+    ws.files[sid] = Tracked(*hint)
+    return True
+
+
+def _believable(ws: WatchState, entry: os.DirEntry[str], key: int) -> bool:
+    """May a restart hint that names identity *key* be believed for *entry*, unread? The
+    same file (dev, inode, size, mtime), a regular one, and not someone else's hard link."""
     try:
         st = entry.stat(follow_symlinks=False)
     except OSError:
         return False
-    if hint[0] != stat_hash(st) or not stat.S_ISREG(st.st_mode) or ws.foreign_link(st) or sid in ws.files:
-        return False
-    ws.files[sid] = Tracked(*hint)
-    return True
+    return key == stat_hash(st) and stat.S_ISREG(st.st_mode) and ws.foreign_link(st) is None
 
 
 def _evaluate_sid(tracker: Tracker, ws: WatchState, sid: str) -> str:
