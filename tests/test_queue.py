@@ -1,12 +1,17 @@
-"""The worker's queue: FIFO, a path already waiting is not queued twice and keeps its place."""
+"""The worker's queue (FIFO, a path already waiting is not queued twice and keeps its place)
+and the inotify reader that fills it (in batches)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 
-from sessionguard.watch import CoalescingQueue
+from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyEvent, Mask, WatchDescriptor
+
+from sessionguard.watch import CoalescingQueue, InotifyReader
 
 
 def blocked_in_wait(t: threading.Thread) -> None:
@@ -104,3 +109,55 @@ def test_many_producers_lose_nothing() -> None:
         t.join(60)
     got = drain(q)
     assert sorted(got) == sorted(paths) and len(got) == len(set(got))
+
+
+class _Names:
+    """A watchdog ``WatchCallback`` that records the names it is told of."""
+
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+        self.seen = threading.Condition()
+
+    def on_event(self, event: InotifyEvent) -> None:
+        with self.seen:
+            self.names.append(event.name)
+            self.seen.notify_all()
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        pass
+
+    def on_queue_overflow(self) -> None:
+        pass
+
+    def wait_for(self, name: bytes) -> None:
+        with self.seen:
+            assert self.seen.wait_for(lambda: name in self.names, 30), f"{name!r} never came"
+
+
+def test_the_reader_takes_what_came_during_its_pause_in_one_read(tmp_path: Path) -> None:
+    """After a batch the reader pauses, and the next read takes every event of the pause:
+    three files made 20 ms apart arrive in one read, where a reader that reads as soon as
+    anything is there (watchdog's own loop) takes the first alone."""
+    reads: list[list[bytes]] = []
+
+    class Counting(InotifyReader):
+        def read_events(self, *, event_buffer_size: int = 64 * 1024) -> list[InotifyEvent]:
+            events = super().read_events(event_buffer_size=event_buffer_size)
+            reads.append([e.name for e in events])
+            return events
+
+    reader, names = Counting(batch_s=1.0), _Names()
+    reader.add_callback(os.fsencode(tmp_path), Mask(InotifyConstants.IN_CREATE), names, CallbackId(1))
+    reader.start()
+    try:
+        (tmp_path / "a").touch()
+        names.wait_for(b"a")  # handled: the reader now pauses for a second
+        for name in ("b", "c", "d"):
+            (tmp_path / name).touch()
+            time.sleep(0.02)
+        names.wait_for(b"d")
+    finally:
+        reader.stop()
+        reader.join(30)
+    assert [b"b", b"c", b"d"] in reads, reads
+    assert names.names == [b"a", b"b", b"c", b"d"]
