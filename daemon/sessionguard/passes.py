@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from . import fsutil
 from .count import stat_hash
 from .errors import UnsafeSessionFile
-from .pins import CacheEntry, RestartHint
+from .hint import CacheEntry, RestartHint
 from .tracker import Tracker
 from .watchstate import Tracked, WatchState, skip_key
 

@@ -18,8 +18,8 @@ from typing import Any
 from . import fsutil
 from .config import WatchConfig
 from .count import CountSpec, key_hash, stat_key
+from .hint import CacheEntry, RestartHint
 from .naming import Matcher, Method
-from .pins import CacheEntry, RestartHint
 from .rules import Identity
 from .store import Store
 
