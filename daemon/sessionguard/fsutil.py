@@ -237,7 +237,8 @@ def set_mode_owner(fd: int, mode: int, owner: Owner) -> os.stat_result:
     return os.fstat(fd) if changed else st
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of *data* at *fd*'s offset: ``write`` may take less than it is given."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -256,7 +257,7 @@ def write_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, like: 
     fd = os.open(tmp, os.O_WRONLY | _NEW_FLAGS, _create_mode(mode, owner), dir_fd=dir_fd)
     try:
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             st = set_mode_owner(fd, mode, owner)
             if durable:
                 os.fsync(fd)

@@ -14,6 +14,18 @@ compared like any other (a torn JSON pin is unparseable and has nothing to
 lose), and the store fsyncs a pin before it becomes a version. Pins are
 replaced by ``rename`` so a reader never sees half of one.
 
+The daemon keeps a *spare* inode for each session it wrote lately: the pin
+before the last one, under a tmp name of its own (``.<sid>.tmp-sg-<pid>-spare``).
+The next pin is written over the spare and swapped in (``RENAME_EXCHANGE``),
+so the old pin becomes the spare: no inode or page cache is allocated and
+freed per write (on ext4 without a journal, every new inode scans past the
+ones freed in the last minute; see BENCHMARKS.md). A spare is only ever
+written while nothing names it as a pin, so a crash at any step leaves the
+pin whole; an inode that anything else also holds (a version linked from a
+pin, a link pin's live file) is never reused. Spares are bounded (count and
+bytes, least recently used dropped), dropped with their pin, at a clean stop,
+and swept like any tmp file of a dead process.
+
 With ``pin = "zstd"`` a pin holds the session compressed (a zstd frame,
 recognised by its magic number; a JSON or JSONL session never starts with
 it): a store on a filesystem without reflinks then costs a fraction of the
@@ -33,8 +45,11 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,6 +96,72 @@ def compress(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=3).compress(data)
 
 
+SPARE_SUFFIX = "-spare"
+
+
+class Spares:
+    """This process's spare pin inodes (see the module docstring): which sessions have
+    one, least recently used first, at most *limit* of them holding *max_bytes*.
+
+    A name carries the pid, so the tmp sweep leaves it alone while this process lives
+    and removes it after. A later daemon that gets the same pid (a container's pid 1)
+    finds a killed one's spares under the names it would use, and reuses them."""
+
+    def __init__(self, limit: int = 1024, max_bytes: int = 64 << 20) -> None:
+        self.limit, self.max_bytes = limit, max_bytes
+        self._mark = f"{fsutil.TMP_MARK}{os.getpid()}{SPARE_SUFFIX}"
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def name(self, sid: str) -> str | None:
+        """The spare's name for *sid*; None when it would be too long for a file name."""
+        name = f".{sid}{self._mark}"
+        return name if len(os.fsencode(name)) <= 255 else None
+
+    def claim(self, sid: str) -> str | None:
+        """*sid*'s spare name, marked most recently used (never the one dropped next)."""
+        name = self.name(sid)
+        if name is None:
+            return None
+        with self._lock:
+            self._sizes[sid] = self._sizes.get(sid, 0)
+            self._sizes.move_to_end(sid)
+        return name
+
+    def settle(self, sid: str, size: int) -> list[str]:
+        """*sid*'s spare now holds *size* bytes; the names of the spares dropped to stay
+        within bounds (the caller unlinks them)."""
+        with self._lock:
+            if sid in self._sizes:
+                self._bytes += size - self._sizes[sid]
+                self._sizes[sid] = size
+            return self._trim()
+
+    def release(self, sid: str) -> None:
+        """Forget *sid*'s spare (the caller unlinks it)."""
+        with self._lock:
+            self._bytes -= self._sizes.pop(sid, 0)
+
+    def clear(self) -> list[str]:
+        """Forget every spare; their names, for the caller to unlink."""
+        with self._lock:
+            sids = list(self._sizes)
+            self._sizes.clear()
+            self._bytes = 0
+        return [name for sid in sids if (name := self.name(sid)) is not None]
+
+    def _trim(self) -> list[str]:
+        gone = []
+        while len(self._sizes) > 1 and (len(self._sizes) > self.limit or self._bytes > self.max_bytes):
+            sid, size = self._sizes.popitem(last=False)
+            self._bytes -= size
+            name = self.name(sid)
+            if name is not None:
+                gone.append(name)
+        return gone
+
+
 class Pins:
     """The ``pins/`` folder of one store (``dir_fd`` is owned by the caller's :class:`Store`)."""
 
@@ -88,6 +169,9 @@ class Pins:
         self.fd = dir_fd
         self._store_fd = store_fd
         self._owner = owner
+        self.spares = Spares()
+        #: Whose inodes may be reused as spares: the store's owner, or ours where chown is refused.
+        self._own_uids = {os.geteuid()} | ({owner[0]} if owner is not None else set())
 
     def stat(self, sid: str) -> os.stat_result | None:
         return fsutil.lstat_at(self.fd, sid)
@@ -103,21 +187,25 @@ class Pins:
         old = self.stat(sid)
         return old.st_mtime_ns if old is not None else None
 
-    def write(self, sid: str, data: bytes, *, fresh: bool = False) -> os.stat_result:
+    def write(self, sid: str, data: bytes, *, fresh: bool = False, spare: bool = False) -> os.stat_result:
         """Pin *data* (the bytes just read from the live file, or compressed: see
         :func:`compress`): a copy pin.
 
         *fresh*: the caller knows the session has no pin (a first scan listed the
-        folder): no lookup for one, and ``FileExistsError`` if one appeared since."""
+        folder): no lookup for one, and ``FileExistsError`` if one appeared since.
+        *spare*: write over this session's spare inode, if there is one to reuse
+        (the daemon, which alone keeps spares)."""
         old = None if fresh else self.stat(sid)
+        if spare and old is not None:
+            st = self._write_spare(sid, data, old)
+            if st is not None:
+                return st
         tmp = fsutil.tmp_name(sid)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self.fd)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                fsutil.write_all(fd, data)
                 st = self._own(fd, old.st_mtime_ns if old is not None else None)
             finally:
                 os.close(fd)
@@ -126,6 +214,68 @@ class Pins:
             fsutil.unlink_quietly(self.fd, tmp)
             raise
         return st
+
+    def _write_spare(self, sid: str, data: bytes, old: os.stat_result) -> os.stat_result | None:
+        """Pin *data* over *sid*'s spare and swap it with the pin (*old*, its ``lstat``),
+        which becomes the spare. None when that could not be done (no name short enough,
+        the spare or the pin vanished or is not ours): the caller writes a new file."""
+        if not self.spares.limit:
+            return None
+        name = self.spares.claim(sid)
+        if name is None:
+            return None
+        try:
+            fd, size = self._open_spare(name)
+            try:
+                fsutil.write_all(fd, data)
+                if size > len(data):
+                    os.ftruncate(fd, len(data))
+                st = self._own(fd, old.st_mtime_ns)
+            finally:
+                os.close(fd)
+            fsutil.exchange(self.fd, name, sid)
+        except OSError as exc:
+            self.spares.release(sid)
+            try:
+                fsutil.unlink_quietly(self.fd, name)
+            except OSError:
+                pass  # a directory planted there (a store shared with the directory's owner)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                raise
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                self.spares.limit = 0  # no RENAME_EXCHANGE on this filesystem: no spares
+            return None  # gone meanwhile, or not ours: a new file instead
+        if not self._reusable(old):  # the old pin is also a version, or a link pin's live file
+            self.spares.release(sid)
+            fsutil.unlink_quietly(self.fd, name)
+        else:
+            for gone in self.spares.settle(sid, old.st_size):
+                fsutil.unlink_quietly(self.fd, gone)
+        return st
+
+    def _reusable(self, st: os.stat_result) -> bool:
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid in self._own_uids
+
+    def _open_spare(self, name: str) -> tuple[int, int]:
+        """The spare *name* open for writing and its size: the inode there if it may be
+        reused (checked on the descriptor), else a new one."""
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+        else:
+            st = os.fstat(fd)
+            if self._reusable(st):
+                return fd, st.st_size
+            os.close(fd)
+            fsutil.unlink_quietly(self.fd, name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(name, flags, 0o600, dir_fd=self.fd), 0
+
+    def drop_spares(self) -> None:
+        """Remove every spare (a clean stop: the next daemon starts without them)."""
+        for name in self.spares.clear():
+            fsutil.unlink_quietly(self.fd, name)
 
     def _replace(self, tmp: str, sid: str, exists: bool, fresh: bool = False) -> None:
         """Put the written *tmp* in place as *sid*'s pin.
@@ -225,7 +375,12 @@ class Pins:
         return os.fstat(fd)
 
     def drop(self, sid: str) -> bool:
-        """Forget the pin (its session was deleted and the pin kept, or forgotten)."""
+        """Forget the pin (its session was deleted and the pin kept, or forgotten), and its
+        spare: by name, known or not (an erasure must not leave an older copy behind)."""
+        self.spares.release(sid)
+        spare = self.spares.name(sid)
+        if spare is not None:
+            fsutil.unlink_quietly(self.fd, spare)
         return fsutil.unlink_quietly(self.fd, sid)
 
     def sids(self) -> Iterator[str]:

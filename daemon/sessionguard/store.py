@@ -37,7 +37,7 @@ from .errors import StoreError
 from .fsutil import Owner
 from .locks import LOCK_FILE, Locks
 from .naming import Method, Reason, Source, Version
-from .pins import PINS_DIR, Pins
+from .pins import PINS_DIR, SPARE_SUFFIX, Pins
 from .retention import Retention, SessionVersions, over_cap, to_remove
 from .rules import Identity, classify, intent_changed, is_loss, loss_reason, overtaken, replaced
 from .versions import SESSIONS_DIR, Versions
@@ -393,6 +393,9 @@ def _sweep(dir_fd: int) -> int:
 
 
 def _sweep_names(dir_fd: int, names: Iterable[str]) -> int:
+    """Remove the tmp files among *names* whose writer is gone; one whose writer still
+    runs only when it is over an hour old, except a daemon's spare pin (its mtime is its
+    session's birth, not its age)."""
     removed = 0
     now = time.time()
     for name in names:
@@ -402,7 +405,7 @@ def _sweep_names(dir_fd: int, names: Iterable[str]) -> int:
         st = fsutil.lstat_at(dir_fd, name)
         if st is None or not stat.S_ISREG(st.st_mode):
             continue
-        if _alive(pid) and now - st.st_mtime < _TMP_GRACE_SECONDS:
+        if _alive(pid) and (name.endswith(SPARE_SUFFIX) or now - st.st_mtime < _TMP_GRACE_SECONDS):
             continue
         try:
             removed += fsutil.unlink_quietly(dir_fd, name)

@@ -256,6 +256,7 @@ class Supervisor:
         """Clean stop: leave the restart hint, release the store."""
         if ws.store is not None and ws.available:
             try:
+                ws.store.pins.drop_spares()
                 ws.store.pins.save_cache(passes.cache_entries(ws), ws.cache_settings())
             except OSError as exc:
                 self.log.warning("cache.write_failed", watch=ws.root, error=str(exc))

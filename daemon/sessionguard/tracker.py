@@ -279,16 +279,16 @@ class Tracker:
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
                     raise
-                pst = pins.write(case.sid, live.data, fresh=fresh)
+                pst = pins.write(case.sid, live.data, fresh=fresh, spare=True)
         elif ws.cfg.pin == "zstd":
-            pst = pins.write(case.sid, compress(live.data), fresh=fresh)
+            pst = pins.write(case.sid, compress(live.data), fresh=fresh, spare=True)
         else:
             # ws.pin_method was probed once at bring-up: on a filesystem without reflinks every
             # attempt would cost a tmp file made, a failed FICLONE and an unlink per pin
             cloned = (pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes, fresh=fresh)
                       if ws.pin_method == "reflink" else None)
             if cloned is None:
-                pst = pins.write(case.sid, live.data, fresh=fresh)
+                pst = pins.write(case.sid, live.data, fresh=fresh, spare=True)
             else:
                 pst = cloned[1]
                 if cloned[0] != live.data:
