@@ -253,13 +253,16 @@ class Supervisor:
         self.stats.clear_prefix(f"lock:{ws.root}")
 
     def stop(self, ws: WatchState) -> None:
-        """Clean stop: leave the restart hint, release the store."""
+        """Clean stop: leave the restart hint, remove the spare pins, release the store."""
         if ws.store is not None and ws.available:
             try:
-                ws.store.pins.drop_spares()
                 ws.store.pins.save_cache(passes.cache_entries(ws), ws.cache_settings())
             except OSError as exc:
                 self.log.warning("cache.write_failed", watch=ws.root, error=str(exc))
+            try:
+                ws.store.pins.drop_spares()
+            except OSError:
+                pass  # a read-only store, say: the next start's sweep removes them
         self.watcher.unschedule(ws)
         self._close(ws)
 
