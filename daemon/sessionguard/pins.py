@@ -20,8 +20,9 @@ The next pin is written over the spare and swapped in (``RENAME_EXCHANGE``),
 so the old pin becomes the spare: no inode or page cache is allocated and
 freed per write (on ext4 without a journal, every new inode scans past the
 ones freed in the last minute; see BENCHMARKS.md). A spare is only ever
-written while nothing names it as a pin, so a crash at any step leaves the
-pin whole; an inode that anything else also holds (a version linked from a
+written while nothing names it as a pin, so a kill at any step leaves the
+pin whole (a power cut can tear a pin written in place as it can a new one:
+a worse prior state, as above); an inode that anything else also holds (a version linked from a
 pin, a link pin's live file) is never reused. Spares are bounded (count and
 bytes, least recently used dropped), dropped with their pin, at a clean stop,
 and swept like any tmp file of a dead process.
