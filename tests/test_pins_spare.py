@@ -113,7 +113,7 @@ def test_the_sweep_keeps_live_spares_and_removes_dead_ones(store: Store) -> None
     os.utime(pins_dir(store) / SID, (0, 0))  # born long ago: the spare carries that birth
     pins.write(SID, data(5), spare=True)
     (ours,) = spare_names(store)
-    assert os.lstat(pins_dir(store) / ours).st_mtime < time.time() - 3600  # the session's birth, as set below
+    assert os.lstat(pins_dir(store) / ours).st_mtime < time.time() - 3600  # the session's birth, set above
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True).stdout)
     mark = fsutil.TMP_MARK
