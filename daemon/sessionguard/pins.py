@@ -60,6 +60,8 @@ from .hint import CACHE_FILE, CacheEntry, RestartHint, decode, encode
 from .naming import is_sid
 
 PINS_DIR = "pins"
+#: A pin's new file (a tmp name, or a spare): never an existing name, never through a symlink.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: The first four bytes of every zstd frame (RFC 8878).
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -202,8 +204,7 @@ class Pins:
             if st is not None:
                 return st
         tmp = fsutil.tmp_name(sid)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=self.fd)
+        fd = os.open(tmp, _CREATE, 0o600, dir_fd=self.fd)
         try:
             try:
                 fsutil.write_all(fd, data)
@@ -270,8 +271,7 @@ class Pins:
                 return fd, st.st_size
             os.close(fd)
             fsutil.unlink_quietly(self.fd, name)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.open(name, flags, 0o600, dir_fd=self.fd), 0
+        return os.open(name, _CREATE, 0o600, dir_fd=self.fd), 0
 
     def drop_spares(self) -> None:
         """Remove every spare (a clean stop: the next daemon starts without them)."""
