@@ -179,7 +179,8 @@ class _Walk:
                 self.unchanged += 1
                 return
         pinless = self.pinned is not None and sid is not None and sid not in self.pinned
-        self.outcomes[self.tracker.evaluate_at(ws, parts, sid, why, unseen=True, pinless=pinless)] += 1
+        self.outcomes[self.tracker.evaluate_at(ws, parts, sid, why, unseen=True, pinless=pinless,
+                                               regular=entry.is_file(follow_symlinks=False))] += 1
 
     def _restart_flat(self, cache: RestartHint, suffix: str) -> None:
         """A restart of a flat watch with an exact hint: the directory's entries are met in

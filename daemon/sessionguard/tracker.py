@@ -34,7 +34,7 @@ from .watchstate import Tracked, WatchState, pin_key, skip_key
 #: defers that session (and goes on with others).
 LOCK_WAIT = 0.05
 
-@dataclass
+@dataclass(slots=True)
 class _Case:
     """One evaluation: the watch, its store, the session and its file's path (for logs)."""
 
@@ -44,9 +44,11 @@ class _Case:
     rel: str
     #: A scan listed the pins before and this session had none: not looked for again.
     pinless: bool = False
+    #: The scan's listing said the file is a regular one (``d_type``): opened without an ``lstat``.
+    regular: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     """The live file as opened and read for this evaluation."""
 
@@ -84,7 +86,7 @@ class Tracker:
         return self.evaluate_at(ws, parts, sid, why, unseen=unseen)
 
     def evaluate_at(self, ws: WatchState, parts: tuple[str, ...], sid: str | None, why: str | None, *,
-                    unseen: bool = False, pinless: bool = False) -> str:
+                    unseen: bool = False, pinless: bool = False, regular: bool = False) -> str:
         """Never raises: every error is logged and counted, and leaves the old pin.
 
         *unseen* (scans, reconciliation) says writes may have happened that no
@@ -93,12 +95,14 @@ class Tracker:
         pins and this session had none, so none is looked for (a first start
         would otherwise look up 100,000 names that are not there); a pin made
         since is found when the new one refuses to replace it, and then judged.
+        *regular*: the caller's directory listing said the name is a regular file, so
+        it is opened without an ``lstat`` first (the open refuses anything else).
         """
         with ws.gate.shared():
-            return self._evaluate(ws, parts, sid, why, unseen, pinless=pinless)
+            return self._evaluate(ws, parts, sid, why, unseen, pinless=pinless, regular=regular)
 
     def _evaluate(self, ws: WatchState, parts: tuple[str, ...], sid: str | None, why: str | None,
-                  unseen: bool, *, pinless: bool) -> str:
+                  unseen: bool, *, pinless: bool, regular: bool) -> str:
         store = ws.store
         if store is None or ws.root_fd is None:
             return "unavailable"
@@ -106,7 +110,7 @@ class Tracker:
         rel = "/".join(parts)
         if sid is None:
             return self._skip(ws, rel, why or "not a session id", None)
-        case = _Case(ws, store, sid, rel, pinless)
+        case = _Case(ws, store, sid, rel, pinless, regular)
         try:
             with store.lock(sid, LOCK_WAIT):
                 ws.deferred.pop(sid, None)
@@ -161,11 +165,13 @@ class Tracker:
 
     def _look(self, case: _Case, dir_fd: int, name: str, unseen: bool) -> str:
         ws = case.ws
-        lst = fsutil.lstat_at(dir_fd, name)
-        if lst is None:
-            return self._deleted(case)
-        if not stat.S_ISREG(lst.st_mode):  # a FIFO, device or socket is never even opened
-            return self._give_up(case, _kind(lst), lst)
+        lst = None
+        if not case.regular:
+            lst = fsutil.lstat_at(dir_fd, name)
+            if lst is None:
+                return self._deleted(case)
+            if not stat.S_ISREG(lst.st_mode):  # a FIFO, device or socket is never even opened
+                return self._give_up(case, _kind(lst), lst)
         try:
             fd, st = fsutil.open_regular(name, dir_fd=dir_fd)
         except FileNotFoundError:
