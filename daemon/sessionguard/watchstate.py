@@ -52,9 +52,14 @@ class Gate:
     a session lock never stalls the worker."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # the state is changed under the plain lock (taken twice per evaluation, and
+        # ``with`` on a Condition is a Python call each way); waiting goes through the
+        # Condition on that same lock, and a reader leaving wakes only a waiting writer
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     def shared(self) -> AbstractContextManager[None]:
         """Held around every evaluation: a class, not a generator (a first start holds it
@@ -62,27 +67,31 @@ class Gate:
         return _Shared(self)
 
     def _enter_shared(self) -> None:
-        with self._cond:
+        with self._lock:
             while self._writer:
                 self._cond.wait()
             self._readers += 1
 
     def _exit_shared(self) -> None:
-        with self._cond:
+        with self._lock:
             self._readers -= 1
-            if not self._readers:
+            if not self._readers and self._writers_waiting:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+        with self._lock:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._writer = False
                 self._cond.notify_all()
 
