@@ -147,11 +147,12 @@ class Matcher:
         cannot be an id (not valid UTF-8, too long); ``(None, None)`` otherwise."""
         if not parts or (len(parts) > 1 and not self.recursive):
             return None, None
-        if parts[0] in self.skip or any(self.excluded(p) for p in parts):
+        name = parts[-1]
+        if parts[0] in self.skip or self._pattern_re.match(name) is None or self.excluded(name):
             return None, None
-        if self._pattern_re.match(parts[-1]) is None:
+        if len(parts) > 1 and any(self.excluded(p) for p in parts[:-1]):
             return None, None
-        last = parts[-1][: len(parts[-1]) - len(self.suffix)] if self.suffix else parts[-1]
+        last = name[: len(name) - len(self.suffix)] if self.suffix else name
         if not last:
             return None, None
         rel = (*parts[:-1], last)
