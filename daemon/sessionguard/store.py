@@ -37,9 +37,10 @@ from .errors import StoreError
 from .fsutil import Owner
 from .locks import LOCK_FILE, Locks
 from .naming import Method, Reason, Source, Version
-from .pins import PINS_DIR, SPARE_SUFFIX, Pins
+from .pins import PINS_DIR, Pins
 from .retention import Retention, SessionVersions, over_cap, to_remove
 from .rules import Identity, classify, intent_changed, is_loss, loss_reason, overtaken, replaced
+from .spares import SPARE_SUFFIX
 from .versions import SESSIONS_DIR, Versions
 
 FORMAT = 2
