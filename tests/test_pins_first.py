@@ -80,27 +80,34 @@ def test_a_first_pin_never_replaces_a_pin_that_appeared_meanwhile(store: Store) 
     assert os.listdir(pins_dir(store)) == [SID]  # the nameless file went with its descriptor
 
 
-def test_without_proc_a_first_pin_goes_through_a_tmp_file(sdir: Path) -> None:
-    """A container with no ``/proc``: the nameless file could not be named, so the pin is
-    written as before (a tmp name renamed), whole and alone."""
+@pytest.mark.parametrize("proc", [
+    pytest.param("umount -l /proc", id="no /proc"),
+    # a /proc where the descriptor's link is missing: linkat fails after the file was written
+    pytest.param("mount -t tmpfs none /proc && mkdir -p /proc/self/fd", id="a /proc that cannot name it"),
+])
+def test_without_proc_a_first_pin_goes_through_a_tmp_file(sdir: Path, proc: str) -> None:
+    """A container with no usable ``/proc``: the nameless file cannot be named, so the
+    pin is written as before (a tmp name renamed), whole and alone."""
     store, _ = open_store(sdir)  # made here; the child opens it again
     store.close()
     tests = Path(__file__).parent
     child = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(tests)!r})
-        assert not os.path.exists("/proc/self")
+        assert not os.path.exists("/proc/self/mounts")
         from pathlib import Path
         from test_store import SID, data, open_store
         store, _ = open_store(Path({str(sdir)!r}))
         store.pins.write(SID, data(5), fresh=True)
+        store.pins.write("second", data(3), fresh=True)  # the tmp way from the start
         store.close()
     """)
     # the mount is private to the child's own mount namespace: /proc stays for everyone else
     cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           'umount -l /proc && exec "$0" -c "$1"', sys.executable, child]
+           f'{proc} && exec "$0" -c "$1"', sys.executable, child]
     seen = created_names(pins_dir(store), lambda: subprocess.run(cmd, check=True, timeout=60))
-    assert [how for how, _ in seen] == ["create", "moved"]
+    assert [how for how, _ in seen] == ["create", "moved"] * 2
     assert seen[0][1].startswith(f".{SID}.tmp-sg-") and seen[1] == ("moved", SID)
+    assert seen[2][1].startswith(".second.tmp-sg-") and seen[3] == ("moved", "second")
     assert (pins_dir(store) / SID).read_bytes() == data(5)
-    assert os.listdir(pins_dir(store)) == [SID]
+    assert sorted(os.listdir(pins_dir(store))) == sorted([SID, "second"])

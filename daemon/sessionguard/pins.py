@@ -182,6 +182,11 @@ class Pins:
             st = self._own(fd, None)
             # our own descriptor's /proc link (AT_SYMLINK_FOLLOW): no name in a watched directory
             os.link(f"/proc/self/fd/{fd}", sid, dst_dir_fd=self.fd)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError) or exc.errno in _STORE_FAILED:
+                raise
+            self._nameless = False  # a /proc or a policy that will not name it: tmp files from now on
+            return None
         finally:
             os.close(fd)
         return st
