@@ -180,7 +180,8 @@ class Tracker:
             lst = fsutil.lstat_at(dir_fd, name)
             return self._give_up(case, _kind(lst) if lst else str(exc.strerror), lst)
         except PermissionError:
-            return self._skip(ws, case.rel, "unreadable (permission denied)", lst)
+            # keyed by the file's state as an event's look keys it (a scan's listing has no lstat)
+            return self._skip(ws, case.rel, "unreadable (permission denied)", lst or fsutil.lstat_at(dir_fd, name))
         try:
             why = ws.foreign_link(st)
             if why is not None:  # our own link pin of this file is not someone else's link
