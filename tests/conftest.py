@@ -16,6 +16,7 @@ import sessionguard
 from chatserver import ChatServer
 from daemonproc import DaemonProc
 from embedhelpers import GUARDED
+from sessionguard.store import Store
 from sghelpers import IS_ROOT, rmtree, short_tmpdir, skip_without_account_tools, throwaway_accounts
 
 
@@ -44,6 +45,17 @@ def sdir(tmp_path: Path) -> Path:
     d = tmp_path / "sessions"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def store(sdir: Path) -> Iterator[Store]:
+    """A store in the empty session directory, opened as the daemon opens one."""
+    from test_store import open_store  # the helper the store's own tests use, and others import
+
+    s, notice = open_store(sdir)
+    assert notice is None
+    yield s
+    s.close()
 
 
 @pytest.fixture

@@ -14,12 +14,13 @@ import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sessionguard.store import Store
+from test_pins_spare import pins_dir
 from test_store import SID, data, open_store
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -47,17 +48,6 @@ def created_names(folder: Path, act: Callable[[], None]) -> list[tuple[str, str]
         out.append(("moved" if mask & IN_MOVED_TO else "create", name))
         at += _HEADER.size + size
     return out
-
-
-@pytest.fixture
-def store(sdir: Path) -> Iterator[Store]:
-    s, _ = open_store(sdir)
-    yield s
-    s.close()
-
-
-def pins_dir(store: Store) -> Path:
-    return Path(store.where) / "pins"
 
 
 def test_a_first_pin_gets_its_name_only_once_it_is_whole(store: Store) -> None:

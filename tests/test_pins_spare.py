@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,7 @@ from daemonproc import DaemonProc, eventually
 from sessionguard import fsutil
 from sessionguard.store import Store
 from sghelpers import make_session, server_write, store_of
-from test_store import SID, data, open_store
-
-
-@pytest.fixture
-def store(sdir: Path) -> Iterator[Store]:
-    s, _ = open_store(sdir)
-    yield s
-    s.close()
+from test_store import SID, data
 
 
 def pins_dir(store: Store) -> Path:

@@ -6,7 +6,6 @@ import os
 import stat
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -40,14 +39,6 @@ def open_store(sdir: Path, retention: Retention | None = None, name: str = ".ses
                           retention=retention, replace_refused=replace_refused)
     finally:
         os.close(parent)
-
-
-@pytest.fixture
-def store(sdir: Path) -> Iterator[Store]:
-    s, notice = open_store(sdir)
-    assert notice is None
-    yield s
-    s.close()
 
 
 def capture(store: Store, new: bytes | None, *, cause: str = "loss", keys: tuple[str, ...] = ()) -> Captured | None:
