@@ -237,6 +237,29 @@ def test_restart_does_not_reread_unchanged_files(sdir, daemons) -> None:
     assert scan.get("unchanged") == 20 and "new" not in scan and "grew" not in scan
 
 
+def test_a_start_after_a_kill_adopts_pins_that_hold_their_file_and_rewrites_no_other(sdir, daemons) -> None:
+    """No restart hint after a kill: every file is read against its pin. A pin that holds the
+    file's very bytes is kept as it is (same inode, no spare made); a session that changed
+    while no daemon ran is pinned anew, and a loss meanwhile kept."""
+    for i in range(20):
+        server_write(sdir / f"s{i}.json", make_session(5, f"s{i}"))
+    d = daemons("--watch", str(sdir))
+    assert d.wait_event("scan.completed").get("new") == 20
+    d.kill()  # SIGKILL: no pins.cache
+    pins = store_of(sdir) / "pins"
+    inodes = {p.name: p.stat().st_ino for p in pins.iterdir()}
+    server_write(sdir / "s1.json", make_session(7, "s1"))  # grew while down
+    server_write(sdir / "s2.json", make_session(1, "s2"))  # shrank while down
+    d2 = daemons("--watch", str(sdir))
+    scan = d2.wait_event("scan.completed")
+    assert scan.get("unchanged") == 18 and scan.get("grew") == 1 and scan.get("shrunk") == 1, scan
+    after = {p.name: p.stat().st_ino for p in pins.iterdir() if not p.name.startswith(".")}
+    assert {sid for sid in after if after[sid] != inodes.get(sid)} == {"s1", "s2"}
+    assert kept(sdir, 5, "s2").reason == "shrink"
+    server_write(sdir / "s3.json", make_session(0, "s3"))  # an adopted pin is judged like any
+    assert kept(sdir, 5, "s3").source == "daemon"
+
+
 @pytest.mark.parametrize("pin", ["link"])
 def test_pin_link_copies_no_bytes(sdir, daemons, pin) -> None:
     server_write(sdir / f"{SID}.json", make_session(100))

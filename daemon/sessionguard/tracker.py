@@ -197,7 +197,10 @@ class Tracker:
                 return self._too_large(case, st, tracked)
             ws.skipped.pop(case.rel, None)
             new = parse(data, ws.spec)
-            prior = tracked if tracked is not None or case.pinless else self._prior(case)
+            prior = tracked if tracked is not None or case.pinless else self._prior(case, data, new)
+            if tracked is None and prior is not None and prior.pin:  # the pin holds these very bytes
+                ws.files[case.sid] = Tracked(stat_hash(st), prior.count, prior.first, prior.prev, prior.pin)
+                return "unchanged"
             self._capture_if_lost(case, prior, new, unseen or tracked is None)
             return self._pin(case, _Live(dir_fd, name, fd, st, data), new, prior)
         finally:
@@ -219,14 +222,19 @@ class Tracker:
                                "is lost (use copy or reflink pins for in-place writers)")
         return None
 
-    def _prior(self, case: _Case) -> Tracked | None:
-        """A pin the daemon has no memory of (made by the library, or before a crash): read it once."""
+    def _prior(self, case: _Case, live: bytes, new: Parsed) -> Tracked | None:
+        """A pin the daemon has no memory of (made by the library, or before a crash): read it
+        once. One that holds exactly the *live* bytes (*new*, parsed) comes back with its pin
+        key: nothing can have been lost and nothing needs writing, so the caller adopts it as
+        it is (a start after a crash meets one per session; each was rewritten before)."""
         pinned = case.store.read_pin(case.sid)
         if pinned is None:
             return None
-        old = parse(pinned[0], case.ws.spec)
+        same = pinned[0] == live
+        old = new if same else parse(pinned[0], case.ws.spec)
         ident = Identity.of(old)
-        return Tracked(0, old.count, ident.first if ident else 0, ident.prev if ident else 0)
+        return Tracked(0, old.count, ident.first if ident else 0, ident.prev if ident else 0,
+                       pin_key(pinned[1]) if same else 0)
 
     def _capture_if_lost(self, case: _Case, prior: Tracked | None, new: Parsed, unseen: bool) -> None:
         if prior is None:
