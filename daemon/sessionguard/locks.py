@@ -42,6 +42,8 @@ _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 #: How many sessions' bytes and idle in-process locks are kept for reuse (each a few
 #: hundred bytes); beyond that an idle one is dropped as its hold ends.
 _CACHED = 1024
+#: How many idle in-process locks dropped from that cache are kept to be handed out again.
+_IDLE = 64
 
 
 def session_byte(sid: str) -> int:
@@ -68,6 +70,7 @@ class Locks:
     def __init__(self, store_fd: int, *, keep_open: bool = False) -> None:
         self.store_fd = store_fd
         self._held: dict[int, _Held] = {}
+        self._idle: list[_Held] = []
         #: Each recent session's byte: a hash per hold costs a save more than the lock itself.
         self._bytes: dict[str, int] = {}
         self._guard = threading.Lock()
@@ -100,7 +103,9 @@ class Locks:
         with self._guard:
             held = self._held.get(byte)
             if held is None:
-                held = self._held[byte] = _Held()
+                # an idle one handed back by _leave, else a new one: a first start meets
+                # 100,000 sessions once each, and a new RLock per session showed in it
+                held = self._held[byte] = self._idle.pop() if self._idle else _Held()
             held.users += 1
             self._active += 1
         return byte, held
@@ -110,6 +115,8 @@ class Locks:
             held.users -= 1
             if held.users == 0 and len(self._held) > _CACHED:
                 del self._held[byte]
+                if len(self._idle) < _IDLE:
+                    self._idle.append(held)  # nobody holds or waits for it: as good as new
             self._active -= 1
             self._close_unkept()
 
@@ -118,12 +125,10 @@ class Locks:
         return _Keeping(self)
 
     def _open(self) -> int:
-        """The descriptor to lock through (called by a hold under way, which the kept
-        descriptor is never closed under): the kept one, or one for this hold alone
-        (opened outside the guard: a slow store must not stall other sessions' holds)."""
-        fd = self._kept
-        if fd >= 0:
-            return fd
+        """The descriptor to lock through when none is kept open (called by a hold under
+        way, which the kept descriptor is never closed under): one for this hold alone
+        (opened outside the guard: a slow store must not stall other sessions' holds),
+        or the one to keep while something keeps it."""
         if self._keep == 0:
             return os.open(LOCK_FILE, _OPEN_FLAGS, 0o600, dir_fd=self.store_fd)
         with self._guard:
@@ -160,12 +165,21 @@ class Locks:
         self._active = 0
         self._guard = threading.Lock()
 
-    def _take(self, byte: int, sid: str, deadline: float | None) -> int:
-        fd = self._open()
+    def _take(self, byte: int, sid: str, wait: float | None, deadline: float | None) -> int:
+        """Lock *byte* through the kept descriptor or one of this hold's own: at once when
+        nobody else holds it (no clock read), else waiting as :meth:`session` says,
+        until *deadline* if the wait for the thread lock already set one."""
+        fd = self._kept
+        if fd < 0:
+            fd = self._open()
         try:
-            if deadline is None:
+            if wait is None:
                 fsutil.range_lock(fd, byte, wait=True)
                 return fd
+            if fsutil.range_lock(fd, byte, wait=False):
+                return fd
+            if deadline is None:
+                deadline = time.monotonic() + wait
             while not fsutil.range_lock(fd, byte, wait=False):
                 if time.monotonic() >= deadline:
                     raise SessionLocked(f"session {sid!r} is locked by another process")
@@ -201,12 +215,15 @@ class _Hold:
         locks, sid, wait = self._locks, self._sid, self._wait
         byte, held = locks._join(sid)
         try:
-            deadline = None if wait is None else time.monotonic() + wait
-            if not held.rlock.acquire(timeout=-1 if wait is None else wait):
-                raise SessionLocked(f"session {sid!r} is busy in this process")
+            deadline = None
+            if not held.rlock.acquire(False):  # the usual case reads no clock
+                if wait is not None:
+                    deadline = time.monotonic() + wait
+                if wait == 0 or not held.rlock.acquire(timeout=-1 if wait is None else wait):
+                    raise SessionLocked(f"session {sid!r} is busy in this process")
             try:
                 if held.depth == 0:
-                    held.fd = locks._take(byte, sid, deadline)
+                    held.fd = locks._take(byte, sid, wait, deadline)
             except BaseException:
                 held.rlock.release()
                 raise

@@ -60,11 +60,12 @@ class Gate:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._shared = _Shared(self)
 
     def shared(self) -> AbstractContextManager[None]:
         """Held around every evaluation: a class, not a generator (a first start holds it
-        100,000 times)."""
-        return _Shared(self)
+        100,000 times), and one object for every holder (it keeps no state of its own)."""
+        return self._shared
 
     def _enter_shared(self) -> None:
         with self._lock:
