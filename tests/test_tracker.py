@@ -439,6 +439,41 @@ def test_a_pin_made_after_the_scan_listed_none_is_judged_not_replaced(env: Env) 
     assert tmp_leftovers(env) == []
 
 
+@pytest.mark.parametrize("start", ["first start", "start after a crash"])
+def test_a_scans_pins_carry_no_message_keys_and_the_first_write_reads_them(sdir: Path, start: str) -> None:
+    """A scan pins (or adopts) every session without its two message keys (a first start
+    makes 100,000 pins, most never written again): the first write that keeps the count
+    is judged against the pin's own keys, read then. Another conversation as long is kept
+    as "replaced"; a streaming rewrite of the last message keeps nothing."""
+    sids = ("aaa111", "bbb222")
+    for sid in sids:
+        put(sdir / f"{sid}.json", data(5, sid))
+    if start == "start after a crash":
+        first = Env(sdir)  # pinned, then killed: no pins.cache, nothing remembered
+        passes.scan(first.tracker, first.ws, find_orphans=True)
+        first.close()
+    env = Env(sdir)
+    try:
+        result = passes.scan(env.tracker, env.ws, find_orphans=True)
+        assert result.get("new" if start == "first start" else "unchanged") == 2, result
+        for sid in sids:
+            tracked = env.ws.files.tracked(sid)
+            assert tracked is not None and tracked.count == 5 and tracked.identity() is None
+        put(sdir / "aaa111.json", other(5))
+        assert env.ev("aaa111.json") == "same"
+        assert [(v.count, v.reason) for v in env.versions("aaa111")] == [(5, "replaced")]
+        doc = make_session(5, "bbb222")
+        doc["messages"][-1]["content"] += " and more tokens"
+        put(sdir / "bbb222.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        assert env.ev("bbb222.json") == "same"
+        assert env.versions("bbb222") == []
+        for sid in sids:  # the pins just written have their keys: no read at the next write
+            tracked = env.ws.files.tracked(sid)
+            assert tracked is not None and tracked.identity() is not None
+    finally:
+        env.close()
+
+
 def tmp_leftovers(env: Env) -> list[str]:
     return [n for n in os.listdir(env.store.where + "/pins") if fsutil.TMP_MARK in n]
 

@@ -230,11 +230,11 @@ class Tracker:
         pinned = case.store.read_pin(case.sid)
         if pinned is None:
             return None
-        same = pinned[0] == live
-        old = new if same else parse(pinned[0], case.ws.spec)
+        if pinned[0] == live:  # its message keys are left to the first write that needs them (_capture_if_lost)
+            return Tracked(0, new.count, pin=pin_key(pinned[1]))
+        old = parse(pinned[0], case.ws.spec)
         ident = Identity.of(old)
-        return Tracked(0, old.count, ident.first if ident else 0, ident.prev if ident else 0,
-                       pin_key(pinned[1]) if same else 0)
+        return Tracked(0, old.count, ident.first if ident else 0, ident.prev if ident else 0)
 
     def _capture_if_lost(self, case: _Case, prior: Tracked | None, new: Parsed, unseen: bool) -> None:
         if prior is None:
@@ -246,6 +246,11 @@ class Tracker:
             cause = "replaced"
         elif unseen and prior.count:
             cause = "overtaken"
+        elif ident is None and prior.count:
+            # a pin whose message keys were never taken (a scan's: see _pin): the store reads
+            # it and keeps it only if this write replaced its conversation — once, since the
+            # pin written next has its keys
+            cause = "replaced"
         else:
             return
         ws = case.ws
@@ -308,7 +313,11 @@ class Tracker:
                 pst = cloned[1]
                 if cloned[0] != live.data:
                     new = parse(cloned[0], ws.spec)  # an in-place writer moved on: describe what is pinned
-        ident = Identity.of(new)
+        # A scan's new pin (pinless) is written without its two message keys: a first start
+        # makes 100,000 of them and most are never written again. A write that needs them
+        # reads them from the pin (_capture_if_lost). Every other pin is the event path's,
+        # whose next write compares them at once.
+        ident = None if case.pinless else Identity.of(new)
         ws.files[case.sid] = Tracked(stat_hash(live.st), new.count, ident.first if ident else 0,
                                      ident.prev if ident else 0, pin_key(pst))
         mark = ws.restored.get(case.sid)

@@ -114,7 +114,8 @@ class Tracked:
         self.key, self.count, self.first, self.prev, self.pin = key, count, first, prev, pin
 
     def identity(self) -> Identity | None:
-        """The pin's identity when known (a pin learned from an old store's names has none)."""
+        """The pin's identity when known: a pin learned from an old store's names has none,
+        nor has one a scan wrote or adopted (its keys are read from it when a write needs them)."""
         if self.count is None or (self.first == 0 and self.count > 0):
             return None
         return Identity(self.count, self.first, self.prev)
