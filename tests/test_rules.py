@@ -127,6 +127,11 @@ def test_replaced(new: Parsed, is_replaced: bool) -> None:
     pinned = Identity.of(conv(5))
     assert pinned is not None and pinned.count == 5
     assert replaced(pinned, new) is is_replaced
+    ident = Identity.of(new)  # the daemon passes the key of the new first message it has taken
+    if ident is not None:
+        assert replaced(pinned, new, ident.first) is is_replaced
+    if ident is not None and ident.count >= 5:  # the key given is the one compared, not recomputed
+        assert replaced(pinned, new, pinned.first ^ 1) is True
 
 
 def test_identity_of_short_and_unparseable_sessions() -> None:

@@ -79,18 +79,20 @@ class Identity:
                    message_key(msgs[n - 2], lenient=lenient) if n >= 2 else 0)
 
 
-def replaced(pinned: Identity, new: Parsed) -> bool:
+def replaced(pinned: Identity, new: Parsed, first: int | None = None) -> bool:
     """Is *new* (as many messages or more) a different conversation than the pin?
 
     O(1): compares two message keys. A write that only rewrites or appends at
     the end (streaming) continues the pin; one whose first message, or whose
     message before the pinned last, differs replaced it (two sessions saved to
-    one file, an id reused, a buggy merge) and the pin must be kept.
+    one file, an id reused, a buggy merge) and the pin must be kept. *first*:
+    the key of *new*'s first message, if the caller has it (the daemon takes it
+    for its next pin anyway: one hash less per write).
     """
     msgs = new.messages
     if msgs is None or new.count is None or new.count < pinned.count or pinned.count < 2:
         return False  # a one-message pin's first message is its last: it may still be streaming
-    if message_key(msgs[0], lenient=new.lenient) != pinned.first:
+    if (message_key(msgs[0], lenient=new.lenient) if first is None else first) != pinned.first:
         return True
     return message_key(msgs[pinned.count - 2], lenient=new.lenient) != pinned.prev
 

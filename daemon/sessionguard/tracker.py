@@ -201,8 +201,13 @@ class Tracker:
             if tracked is None and prior is not None and prior.pin:  # the pin holds these very bytes
                 ws.files[case.sid] = Tracked(stat_hash(st), prior.count, prior.first, prior.prev, prior.pin)
                 return "unchanged"
-            self._capture_if_lost(case, prior, new, unseen or tracked is None)
-            return self._pin(case, _Live(dir_fd, name, fd, st, data), new, prior)
+            # A scan's new pin (pinless) is remembered without its two message keys: a first
+            # start makes 100,000 and most are never written again; a write that needs them
+            # reads them from the pin (_capture_if_lost). Every other pin is the event path's,
+            # whose next write compares them at once.
+            ident = None if case.pinless else Identity.of(new)
+            self._capture_if_lost(case, prior, new, ident, unseen or tracked is None)
+            return self._pin(case, _Live(dir_fd, name, fd, st, data), new, ident, prior)
         finally:
             os.close(fd)
 
@@ -236,17 +241,20 @@ class Tracker:
         ident = Identity.of(old)
         return Tracked(0, old.count, ident.first if ident else 0, ident.prev if ident else 0)
 
-    def _capture_if_lost(self, case: _Case, prior: Tracked | None, new: Parsed, unseen: bool) -> None:
+    def _capture_if_lost(self, case: _Case, prior: Tracked | None, new: Parsed, ident: Identity | None,
+                         unseen: bool) -> None:
+        """Keep the pin (*prior*) if going to *new* (whose *ident*, if taken, spares one
+        hash) loses messages or replaces the conversation."""
         if prior is None:
             return
-        ident = prior.identity()
+        pinned = prior.identity()
         if is_loss(prior.count, new.count):
             cause = "loss"
-        elif ident is not None and replaced(ident, new):
+        elif pinned is not None and replaced(pinned, new, ident.first if ident is not None else None):
             cause = "replaced"
         elif unseen and prior.count:
             cause = "overtaken"
-        elif ident is None and prior.count:
+        elif pinned is None and prior.count:
             # a pin whose message keys were never taken (a scan's: see _pin): the store reads
             # it and keeps it only if this write replaced its conversation — once, since the
             # pin written next has its keys
@@ -289,8 +297,9 @@ class Tracker:
         self.stats.degrade(f"cap:{store.where}", f"{store.where}: over max_store_bytes ({cap}) with only protected "
                            "versions left" if kept.over_cap else None)
 
-    def _pin(self, case: _Case, live: _Live, new: Parsed, prior: Tracked | None) -> str:
-        """Move the pin to the content just read; remember what it holds."""
+    def _pin(self, case: _Case, live: _Live, new: Parsed, ident: Identity | None, prior: Tracked | None) -> str:
+        """Move the pin to the content just read; remember what it holds (*ident*: its
+        message keys, None for a scan's new pin)."""
         ws, pins = case.ws, case.store.pins
         fresh = case.pinless and prior is None  # the caller saw no pin: refuse to replace one
         if ws.cfg.pin == "link":
@@ -311,13 +320,9 @@ class Tracker:
                 pst = pins.write(case.sid, live.data, fresh=fresh, spare=True)
             else:
                 pst = cloned[1]
-                if cloned[0] != live.data:
-                    new = parse(cloned[0], ws.spec)  # an in-place writer moved on: describe what is pinned
-        # A scan's new pin (pinless) is written without its two message keys: a first start
-        # makes 100,000 of them and most are never written again. A write that needs them
-        # reads them from the pin (_capture_if_lost). Every other pin is the event path's,
-        # whose next write compares them at once.
-        ident = None if case.pinless else Identity.of(new)
+                if cloned[0] != live.data:  # an in-place writer moved on: describe what is pinned
+                    new = parse(cloned[0], ws.spec)
+                    ident = None if ident is None else Identity.of(new)
         ws.files[case.sid] = Tracked(stat_hash(live.st), new.count, ident.first if ident else 0,
                                      ident.prev if ident else 0, pin_key(pst))
         mark = ws.restored.get(case.sid)
