@@ -474,6 +474,20 @@ def test_a_scans_pins_carry_no_message_keys_and_the_first_write_reads_them(sdir:
         env.close()
 
 
+def test_a_one_message_pin_without_keys_is_not_read_at_its_first_write(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pin of one message can never be "replaced" (its first message is its last, maybe
+    still streaming): a scan's such pin is not read for keys when its session grows."""
+    put(env.sdir / f"{SID}.json", data(1))
+    passes.scan(env.tracker, env.ws, find_orphans=True)
+    opened: list[str] = []
+    real_open = env.store.pins.open
+    monkeypatch.setattr(env.store.pins, "open", lambda sid: opened.append(sid) or real_open(sid))
+    put(env.sdir / f"{SID}.json", data(2))
+    assert env.ev() == "grew"
+    assert opened == [] and env.versions() == []
+
+
 def tmp_leftovers(env: Env) -> list[str]:
     return [n for n in os.listdir(env.store.where + "/pins") if fsutil.TMP_MARK in n]
 

@@ -254,10 +254,10 @@ class Tracker:
             cause = "replaced"
         elif unseen and prior.count:
             cause = "overtaken"
-        elif pinned is None and prior.count:
-            # a pin whose message keys were never taken (a scan's: see _pin): the store reads
+        elif pinned is None and (prior.count or 0) >= 2:
+            # a pin whose message keys were never taken (a scan's: see _look): the store reads
             # it and keeps it only if this write replaced its conversation — once, since the
-            # pin written next has its keys
+            # pin written next has its keys (a pin of one message is never "replaced")
             cause = "replaced"
         else:
             return
