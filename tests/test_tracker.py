@@ -439,22 +439,26 @@ def test_a_pin_made_after_the_scan_listed_none_is_judged_not_replaced(env: Env) 
     assert tmp_leftovers(env) == []
 
 
-@pytest.mark.parametrize("start", ["first start", "start after a crash"])
+@pytest.mark.parametrize("start", ["first start", "start after a crash", "start after a clean stop"])
 def test_a_scans_pins_carry_no_message_keys_and_the_first_write_reads_them(sdir: Path, start: str) -> None:
     """A scan pins (or adopts) every session without its two message keys (a first start
-    makes 100,000 pins, most never written again): the first write that keeps the count
-    is judged against the pin's own keys, read then. Another conversation as long is kept
-    as "replaced"; a streaming rewrite of the last message keeps nothing."""
+    makes 100,000 pins, most never written again), and a restart's hint carries none for
+    them: the first write that keeps the count is judged against the pin's own keys, read
+    then. Another conversation as long is kept as "replaced"; a streaming rewrite of the
+    last message keeps nothing."""
     sids = ("aaa111", "bbb222")
     for sid in sids:
         put(sdir / f"{sid}.json", data(5, sid))
-    if start == "start after a crash":
-        first = Env(sdir)  # pinned, then killed: no pins.cache, nothing remembered
+    if start != "first start":
+        first = Env(sdir)  # pinned; then killed (no pins.cache), or stopped (pins.cache)
         passes.scan(first.tracker, first.ws, find_orphans=True)
+        if start == "start after a clean stop":
+            first.store.pins.save_cache(passes.cache_entries(first.ws), first.ws.cache_settings())
         first.close()
     env = Env(sdir)
     try:
-        result = passes.scan(env.tracker, env.ws, find_orphans=True)
+        cache = env.store.pins.load_cache(env.ws.cache_settings()) if start == "start after a clean stop" else None
+        result = passes.scan(env.tracker, env.ws, cache, find_orphans=cache is None)
         assert result.get("new" if start == "first start" else "unchanged") == 2, result
         for sid in sids:
             tracked = env.ws.files.tracked(sid)
