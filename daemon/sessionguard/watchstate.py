@@ -115,7 +115,8 @@ class Tracked:
 
     def identity(self) -> Identity | None:
         """The pin's identity when known: a pin learned from an old store's names has none,
-        nor has one a scan wrote or adopted (its keys are read from it when a write needs them)."""
+        nor has one a scan adopted or wrote for a session that had none (its keys are read
+        from it when a write needs them)."""
         if self.count is None or (self.first == 0 and self.count > 0):
             return None
         return Identity(self.count, self.first, self.prev)
