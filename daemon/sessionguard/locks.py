@@ -176,11 +176,9 @@ class Locks:
             if wait is None:
                 fsutil.range_lock(fd, byte, wait=True)
                 return fd
-            if fsutil.range_lock(fd, byte, wait=False):
-                return fd
-            if deadline is None:
-                deadline = time.monotonic() + wait
             while not fsutil.range_lock(fd, byte, wait=False):
+                if deadline is None:
+                    deadline = time.monotonic() + wait
                 if time.monotonic() >= deadline:
                     raise SessionLocked(f"session {sid!r} is locked by another process")
                 time.sleep(_POLL)
