@@ -4,7 +4,10 @@ Two loads: many small sessions (5 messages, ~2.5 KB) and a few 1,000-message
 ones (~450 KB), each write adding one message, round-robin over the
 sessions, by the seed's own save (tmp + fsync + rename). Each load runs
 without a daemon (the baseline), with this tree's daemon, and with release
-0.1.0's, alternating, *reps* times; medians over the runs.
+0.1.0's, alternating, *reps* times (rounds); medians over the runs. The writer's
+rate without a daemon varies by a third from one run to the next on a shared
+machine, so each daemon's rate is also given against the no-daemon run of its
+own round (the median of those ratios), beside the ratio of the medians.
 
 Measured per daemon run: the writer's rate, the drain (last write → the
 daemon's ``sync`` says everything before it was processed), and the daemon's
@@ -182,6 +185,9 @@ def _summary(load: Load, runs: list[dict[str, Any]], modes: list[str]) -> dict[s
         m["drain_ms_max"] = max(r["drain_ms"] for r in rs)
         m["errors"] = sum(r["errors"] for r in rs)
         m["ratio_writes_per_s_vs_none"] = ratio(m["writes_per_s"], base_rate)
+        paired = [r["writes_per_s"] / b["writes_per_s"] for r, b in zip(rs, base, strict=True)]
+        m["round_ratios_writes_per_s"] = [round(x, 3) for x in paired]
+        m["median_round_ratio_writes_per_s"] = round(median(paired), 3)
         m["ratio_cpu_vs_floor"] = ratio(m["cpu_ms_per_1000_writes"], floor)
         m["cpu_by_thread_per_1000_writes"] = _thread_medians(rs)
         if mode == "new":

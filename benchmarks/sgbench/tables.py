@@ -56,6 +56,10 @@ def events(s: dict[str, Any]) -> Table:
         base = f"no daemon {e['baseline_writes_per_s']:.0f}/s"
         t.add(f"{what}: writer rate", f"{new['writes_per_s']:.0f}/s", base, new["ratio_writes_per_s_vs_none"],
               "≥ 0.9x", verdict=at_least(new["ratio_writes_per_s_vs_none"], 0.9))
+        t.add(f"{what}: writer rate, each round against its own no-daemon run",
+              f"median of {len(new['round_ratios_writes_per_s'])}",
+              f"{min(new['round_ratios_writes_per_s']):.2f}x–{max(new['round_ratios_writes_per_s']):.2f}x",
+              new["median_round_ratio_writes_per_s"], "reported")
         t.add(f"{what}: drain after the last write (median; max)",
               f"{new['drain_ms']:.1f} ms; {new['drain_ms_max']:.1f} ms", f"idle sync {new['idle_sync_ms']:.1f} ms",
               None, "< 100 ms", verdict=at_most(new["drain_ms_max"], 99.999))
