@@ -60,10 +60,10 @@ FIRST_SCAN_FILLER = 50_000
 FIRST_SCAN_KILLS = 8
 
 
-def _write_config(path: Path, sdir: Path) -> None:
+def _write_config(path: Path, sdir: Path, pin: str) -> None:
     path.write_text(
         "[daemon]\nreconcile_interval = 1\n\n"
-        f"[[watch]]\npath = \"{sdir}\"\nkeep_last = {NO_RETENTION}\n"
+        f"[[watch]]\npath = \"{sdir}\"\nkeep_last = {NO_RETENTION}\npin = \"{pin}\"\n"
     )
 
 
@@ -110,7 +110,7 @@ def run(plan: Plan, workdir: Path) -> Run:
         d.mkdir(parents=True)
     filler = make_filler(r.sdir, plan.filler, rng.randrange(2**32)) if plan.filler else []
     config = workdir / "sessionguardd.toml"
-    _write_config(config, r.sdir)
+    _write_config(config, r.sdir, plan.pin)
     sup = Supervisor(r, config, random.Random(rng.random())) if plan.daemon else None
     writers: list[subprocess.Popen[bytes]] = []
     try:
@@ -170,6 +170,8 @@ def _run_parser() -> argparse.ArgumentParser:
                         f"--first-scan-kills {FIRST_SCAN_KILLS} unless given)")
     p.add_argument("--filler", type=int, help="sessions written before the daemon starts (default 0)")
     p.add_argument("--first-scan-kills", type=int, help="SIGKILLs during start-up scans (default 0)")
+    p.add_argument("--pin", choices=("auto", "copy", "zstd"), default="auto",
+                   help="the watch's pin method (default: %(default)s)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-messages", type=int, default=200)
     p.add_argument("--workdir", help="where to run (default: a new directory under $TMPDIR)")
@@ -191,7 +193,7 @@ def _run_main(argv: list[str]) -> int:
         p.error("kills during start-up scans need a daemon and --filler sessions to scan")
     plan = Plan(seconds=seconds, styles=styles, sessions=a.sessions, daemon=not a.no_daemon,
                 kills=not (a.no_kills or a.no_daemon), seed=a.seed, max_messages=a.max_messages,
-                progress_every=60.0, filler=filler, first_scan_kills=scan_kills)
+                progress_every=60.0, filler=filler, first_scan_kills=scan_kills, pin=a.pin)
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="sgsoak-"))
     if a.workdir:
         workdir.mkdir(parents=True, exist_ok=False)

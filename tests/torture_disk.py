@@ -50,10 +50,30 @@ def read_or_none(path: Path) -> bytes | None:
         return None
 
 
+#: The first four bytes of every zstd frame (RFC 8878); no JSON session starts with them.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def session_bytes(data: bytes) -> bytes:
+    """What a pin holds: its bytes, or (``pin = "zstd"``) the session they decompress to,
+    decompressed here with ``zstandard`` itself, not by the daemon's code."""
+    if data[:4] != ZSTD_MAGIC:
+        return data
+    import zstandard
+
+    with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+        return reader.read()
+
+
+def read_pin(path: Path) -> bytes | None:
+    data = read_or_none(path)
+    return None if data is None else session_bytes(data)
+
+
 def pin_matches(store: Path, sdir: Path, sid: str) -> bool:
     """Does *sid*'s pin hold exactly what its live file holds? (A pin claims nothing in its
     name: only its content says what it is.)"""
-    pin = read_or_none(store / "pins" / sid)
+    pin = read_pin(store / "pins" / sid)
     return pin is not None and pin == read_or_none(sdir / f"{sid}.json")
 
 
@@ -166,7 +186,7 @@ def check_cache(store: Path, sdir: Path) -> dict[str, Any]:
         if pin_ident and pin_key(pin_st) != pin_ident:
             out["pin_moved"] += 1
             continue
-        pin = read_or_none(store / "pins" / sid)
+        pin = read_pin(store / "pins" / sid)
         live = read_or_none(sdir / f"{sid}.json")
         if pin is None or pin != live or count_messages(pin) != count:
             got = None if pin is None else count_messages(pin)

@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from torture_disk import TMP_MARK, count_messages, live_keys, store_usage
+from torture_disk import TMP_MARK, count_messages, live_keys, session_bytes, store_usage
 from torture_plan import Run
 from torture_writers import revs_of, unrle
 
@@ -134,7 +134,7 @@ def copies_on_disk(run: Run) -> tuple[dict[str, OnDisk], VersionCheck]:
     pins = run.store / "pins"
     for path in (pins.iterdir() if pins.is_dir() else ()):
         if TMP_MARK not in path.name and path.is_file() and not path.is_symlink():
-            out[path.name].add(path, path.read_bytes())
+            out[path.name].add(path, session_bytes(path.read_bytes()))
     for sid in live_keys(run.sdir):
         path = run.sdir / f"{sid}.json"
         try:

@@ -22,7 +22,8 @@ class Plan:
 
     *filler* sessions are written before anything starts (the tree a first
     start scans); *first_scan_kills* daemons are SIGKILLed in the middle of
-    their start-up scan before the first one is let through.
+    their start-up scan before the first one is let through. *pin* is the
+    watch's ``pin`` setting (``zstd``: the oracle decompresses every pin itself).
     """
 
     seconds: float = 25.0
@@ -36,6 +37,7 @@ class Plan:
     progress_every: float = 0.0  # seconds between progress lines on stdout (0: none)
     filler: int = 0
     first_scan_kills: int = 0
+    pin: str = "auto"
 
 
 @dataclass

@@ -34,6 +34,7 @@ from torture_disk import (
     cookies_of,
     live_keys,
     pin_matches,
+    session_bytes,
     tmp_files,
 )
 from torture_plan import Run
@@ -289,7 +290,7 @@ class Supervisor:
         self.scan_kill_points.append(round(len(pinned) / max(len(filler), 1), 3))
         wiped = {sid for sid, _ in self.pinned_then_wiped}
         for sid in self.rng.sample([s for s in pinned if s not in wiped], min(WIPES_PER_SCAN_KILL, len(pinned))):
-            pin = (self.store / "pins" / sid).read_bytes()
+            pin = session_bytes((self.store / "pins" / sid).read_bytes())
             wipe_filler(self.sdir / f"{sid}.json")
             self.pinned_then_wiped.append([sid, hashlib.sha256(pin).hexdigest()])
 
