@@ -56,13 +56,20 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 def session_bytes(data: bytes) -> bytes:
     """What a pin holds: its bytes, or (``pin = "zstd"``) the session they decompress to,
-    decompressed here with ``zstandard`` itself, not by the daemon's code."""
+    decompressed here with ``zstandard`` itself, not by the daemon's code. A frame that does
+    not decompress comes back as it is: it then matches no session's bytes, so the checks
+    report it (a missing pin, a lost version) instead of the oracle failing on it."""
     if data[:4] != ZSTD_MAGIC:
         return data
     import zstandard
 
-    with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-        return reader.read()
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        out = dobj.decompress(data)
+    except zstandard.ZstdError:
+        return data
+    # exactly one whole frame: a torn one would give a prefix, trailing bytes would be ignored
+    return out if dobj.eof and not dobj.unused_data else data
 
 
 def read_pin(path: Path) -> bytes | None:
