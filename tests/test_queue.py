@@ -11,7 +11,7 @@ from pathlib import Path
 
 from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyEvent, Mask, WatchDescriptor
 
-from sessionguard.watch import CoalescingQueue, InotifyReader
+from sessionguard.watch import BATCH_SECONDS, CoalescingQueue, InotifyReader
 
 
 def blocked_in_wait(t: threading.Thread) -> None:
@@ -161,3 +161,36 @@ def test_the_reader_takes_what_came_during_its_pause_in_one_read(tmp_path: Path)
         reader.join(30)
     assert [b"b", b"c", b"d"] in reads, reads
     assert names.names == [b"a", b"b", b"c", b"d"]
+
+
+def test_a_steady_stream_wakes_the_reader_at_most_once_per_pause(tmp_path: Path) -> None:
+    """The default pause bounds the reader's wake-ups whatever the event rate: files made
+    one every millisecond or so for a second are read in at most one read per
+    ``BATCH_SECONDS`` (plus the first), where a reader that pauses 2 ms reads hundreds
+    of times. (A slow machine makes fewer reads, never more: the bound is the sleep.)"""
+    reads: list[int] = []
+
+    class Counting(InotifyReader):
+        def read_events(self, *, event_buffer_size: int = 64 * 1024) -> list[InotifyEvent]:
+            events = super().read_events(event_buffer_size=event_buffer_size)
+            reads.append(len(events))
+            return events
+
+    reader, names = Counting(), _Names()
+    reader.add_callback(os.fsencode(tmp_path), Mask(InotifyConstants.IN_CREATE), names, CallbackId(1))
+    reader.start()
+    try:
+        started = time.monotonic()
+        made = 0
+        while time.monotonic() - started < 1.0:
+            (tmp_path / f"f{made}").touch()
+            made += 1
+            time.sleep(0.001)
+        names.wait_for(f"f{made - 1}".encode())
+        seconds = time.monotonic() - started
+    finally:
+        reader.stop()
+        reader.join(30)
+    assert len(names.names) == made
+    assert made > 3 * seconds / BATCH_SECONDS, f"only {made} files made: the stream was not steady enough to tell"
+    assert len(reads) <= seconds / BATCH_SECONDS + 2, (len(reads), made, seconds)

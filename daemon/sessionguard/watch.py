@@ -179,6 +179,10 @@ class _OverflowSentinel:
         self._on_overflow()
 
 
+#: How long the inotify reader pauses after each batch (see :class:`InotifyReader`).
+BATCH_SECONDS = 0.02
+
+
 class InotifyReader(InotifyFD):
     """watchdog's inotify reader thread, named ``sg-inotify`` for ``top -H`` and ``ps -L``,
     reading events in batches.
@@ -189,11 +193,18 @@ class InotifyReader(InotifyFD):
     themselves ~2.5 µs each. Pausing *batch_s* after each batch lets the next read
     take everything that came meanwhile: the first event after a quiet spell is still
     read at once, later ones up to *batch_s* late, and wake-ups are bounded by
-    1 / *batch_s* a second whatever the event rate (benchmarks: the reader's CPU per
-    1,000 small writes 87 → 24 ms). The kernel queue holds 16,384 events by default:
-    a pause this short cannot fill it."""
+    1 / *batch_s* a second whatever the event rate. The pause was 2 ms (the reader's
+    CPU per 1,000 small writes 87 → 24 ms); it is 20 ms since a slower machine showed
+    that under a steady writer the worker, too, gains from being handed its paths
+    several at a time rather than one per wake-up (1,000-message sessions, by hand:
+    reader 294 → 86–98 ms and worker 2,069–2,094 → 1,536–1,554 ms of CPU per 1,000
+    writes; BENCHMARKS.md). It is what an event can wait in a busy spell, and what
+    two writes of one file may be coalesced within (as they are when the worker is
+    behind): the later one is judged against the pin like any write (its count, its
+    first message, the one before the pinned last).
+    The kernel queue holds 16,384 events by default: a pause this short cannot fill it."""
 
-    def __init__(self, batch_s: float = 0.002) -> None:
+    def __init__(self, batch_s: float = BATCH_SECONDS) -> None:
         super().__init__()
         self.batch_s = batch_s
 
