@@ -194,3 +194,40 @@ def test_a_steady_stream_wakes_the_reader_at_most_once_per_pause(tmp_path: Path)
     assert len(names.names) == made
     assert made > 3 * seconds / BATCH_SECONDS, f"only {made} files made: the stream was not steady enough to tell"
     assert len(reads) <= seconds / BATCH_SECONDS + 2, (len(reads), made, seconds)
+
+
+def test_a_batch_that_queued_nothing_is_not_followed_by_a_pause(tmp_path: Path) -> None:
+    """A writer's tmp file made after a quiet spell queues nothing: the reader reads the next
+    event (the rename a write is about) at once, not after its pause. Here a file that
+    queues nothing, then three 20 ms apart: the first of them comes in a read of its own
+    (no pause after the first file), the next two together (the pause after it)."""
+    reads: list[list[bytes]] = []
+    queued = 0
+
+    class Counting(InotifyReader):
+        def read_events(self, *, event_buffer_size: int = 64 * 1024) -> list[InotifyEvent]:
+            events = super().read_events(event_buffer_size=event_buffer_size)
+            reads.append([e.name for e in events])
+            return events
+
+    class Queueing(_Names):
+        def on_event(self, event: InotifyEvent) -> None:
+            nonlocal queued
+            if event.name != b"tmp":
+                queued += 1
+            super().on_event(event)
+
+    reader, names = Counting(batch_s=1.0, queued=lambda: queued), Queueing()
+    reader.add_callback(os.fsencode(tmp_path), Mask(InotifyConstants.IN_CREATE), names, CallbackId(1))
+    reader.start()
+    try:
+        (tmp_path / "tmp").touch()
+        names.wait_for(b"tmp")
+        for name in ("b", "c", "d"):
+            (tmp_path / name).touch()
+            time.sleep(0.02)
+        names.wait_for(b"d")
+    finally:
+        reader.stop()
+        reader.join(30)
+    assert reads[-2:] == [[b"b"], [b"c", b"d"]], reads
