@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str) -> str:
 
 def flags(**kw: object) -> argparse.Namespace:
     base: dict[str, object] = dict(config=None, watch=None, pin=None, socket=None, log_format=None, log_level=None,
-                                   reconcile_interval=None)
+                                   reconcile_interval=None, scan_processes=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -219,3 +219,10 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     assert (cfg.log_level, cfg.reconcile_interval, cfg.socket, cfg.source) == ("error", 2.5, "/run/x.sock", path)
     cfg = config.from_args(flags(config=path, watch=["/srv/b", "/srv/c"], pin="link"))
     assert [(w.path, w.pin) for w in cfg.watches] == [("/srv/b", "link"), ("/srv/c", "link")]
+
+
+def test_scan_processes_from_the_file_and_the_flag() -> None:
+    assert config.from_args(flags(watch=["/srv/s"])).scan_processes == 0
+    assert config.from_args(flags(watch=["/srv/s"], scan_processes=3)).scan_processes == 3
+    with pytest.raises(ConfigError, match=r"scan_processes: must be an integer ≥ 0, got -1"):
+        config.from_args(flags(watch=["/srv/s"], scan_processes=-1))

@@ -110,6 +110,8 @@ class Supervisor:
         self.cache: Counter[str] = Counter()
         self.cache_wrong: list[str] = []
         self.pinned_then_wiped: list[list[str]] = []  # [sid, sha256 of the pin a killed scan left]
+        self.scan_children: list[int] = []  # the scan processes each ended scan had (scanpool)
+        self.scan_children_outlived: list[int] = []  # … still running 10 s after it ended: must stay empty
         self._before_kill: dict[str, StatKey] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -118,7 +120,9 @@ class Supervisor:
     # -- lifecycle --
 
     def _spawn_daemon(self, env: dict[str, str] | None = None) -> tuple[DaemonProc, LogTail]:
-        d = DaemonProc(self.workdir, ["--config", str(self.config), "--reconcile-interval", "1"], env=env)
+        # two scan processes whatever the CPUs (the default follows them): kills land among them too
+        d = DaemonProc(self.workdir, ["--config", str(self.config), "--reconcile-interval", "1",
+                                      "--scan-processes", "2"], env=env)
         return d, LogTail(d.logfile)
 
     def launch(self) -> None:
@@ -275,14 +279,19 @@ class Supervisor:
         """SIGKILL the scanning daemon — or, one time in three, SIGTERM it (``systemctl stop``, or
         the start timeout's first signal), which ends the scan where it is. Returns the kill's
         plan and whether the scan was still running (the log, read once the daemon is gone, says)."""
-        if self.rng.random() < 1 / 3:
-            d.signal(signal.SIGTERM)
-            d.stop(timeout=120)
-            during = bool(d.events("scan.abandoned"))
-            return ("first-scan-stop" if during else "first-scan-stop-late"), during
-        d.kill()
-        during = not d.events("scan.completed")
-        return ("first-scan" if during else "first-scan-late"), during
+        children = children_of(d.proc.pid)
+        self.scan_children.append(len(children))
+        try:
+            if self.rng.random() < 1 / 3:
+                d.signal(signal.SIGTERM)
+                d.stop(timeout=120)
+                during = bool(d.events("scan.abandoned"))
+                return ("first-scan-stop" if during else "first-scan-stop-late"), during
+            d.kill()
+            during = not d.events("scan.completed")
+            return ("first-scan" if during else "first-scan-late"), during
+        finally:
+            self.scan_children_outlived += outliving(children, 10)
 
     def _after_scan_kill(self, filler: list[str]) -> None:
         """How far the killed scan got, and a few of the sessions it pinned wiped while no daemon runs."""
@@ -404,6 +413,8 @@ class Supervisor:
             "scan_kills": self.scan_kills(),
             "scan_stops": self.kills["first-scan-stop"],
             "scan_kill_points": self.scan_kill_points,
+            "scan_children_at_kill": self.scan_children,
+            "scan_children_outlived": self.scan_children_outlived,
             "scan_progress_reports": len(self.scan_reports),
             "scan_reports_without_extend": sum(not extend for *_, extend in self.scan_reports),
             "cache": dict(self.cache),
@@ -414,3 +425,26 @@ class Supervisor:
             "lag_max_s": round(lags[-1], 3) if lags else None,
             "lag_samples": len(lags),
         }
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of *pid* (every thread's), from ``/proc``."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def outliving(pids: list[int], seconds: float) -> list[int]:
+    """Those of *pids* still running (not gone, not a zombie) after up to *seconds*."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.01)

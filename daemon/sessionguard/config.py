@@ -78,6 +78,7 @@ class Config:
     socket: str = field(default_factory=default_socket_path)
     reconcile_interval: float = 30.0
     restore_recent_seconds: float = 60.0
+    scan_processes: int = 0
     log_format: str = "auto"
     log_level: str = "info"
     read_group: str = "sessionguard"
@@ -150,6 +151,10 @@ SCHEMA: tuple[Key, ...] = (
     Key(_D, "restore_recent_seconds", "number", "60", "restore and recover warn when the live session file "
         "was written less than this many seconds ago (the server may still hold the session in memory).",
         minimum=0),
+    Key(_D, "scan_processes", "integer", "0", "Processes that pin the sessions a start without pins.cache "
+        "finds without a pin, beside the daemon (from the 1,001st on). 0: one per CPU the daemon may run on, "
+        "at most 4 (none on one CPU); 1: none, the daemon pins every session itself.", minimum=0,
+        reloadable=False),
     Key(_D, "log_format", "choice", '"auto"', "auto: journal under systemd, console on a terminal, "
         "else JSON lines on stdout.", choices=LOG_FORMATS, reloadable=False),
     Key(_D, "log_level", "choice", '"info"', "Lowest level logged.", choices=LOG_LEVELS),
@@ -352,7 +357,7 @@ def from_args(ns: argparse.Namespace) -> Config:
     cfg = load_file(path) if path else Config(watches=())
     errors: list[str] = []
     flags = {"socket": ns.socket, "log_format": ns.log_format, "log_level": ns.log_level,
-             "reconcile_interval": ns.reconcile_interval}
+             "reconcile_interval": ns.reconcile_interval, "scan_processes": ns.scan_processes}
     daemon = _checked(_D, {k: v for k, v in flags.items() if v is not None}, "--", "command line", errors,
                       whole=False)
     dirs = [str(os.path.abspath(os.path.expanduser(p))) for p in ns.watch or []]  # a flag is relative to $PWD

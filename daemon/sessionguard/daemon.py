@@ -24,6 +24,7 @@ from . import __version__, config, fsutil, passes, paths, systemd
 from . import log as logconf
 from .config import Config
 from .errors import ConfigError, StoreError
+from .scanpool import processes_for
 from .service import Service
 from .stats import Stats
 from .supervisor import CHECK_SECONDS, Supervisor
@@ -62,6 +63,7 @@ class Daemon:
         self.watcher = Watcher(self.tracker, self.log, self._on_overflow)
         self.supervisor = Supervisor(self.tracker, self.watcher, self.stats, self.log,
                                      reconcile_interval=self.cfg.reconcile_interval, progress=self._progress,
+                                     scan_processes=processes_for(self.cfg.scan_processes),
                                      stopping=lambda: self._stopping or self._maint_stop.is_set())
         self.service = Service(tracker=self.tracker, watcher=self.watcher, supervisor=self.supervisor,
                                stats=self.stats, log=self.log,
@@ -337,6 +339,9 @@ store), 2 invalid configuration.
                         "zstd: compressed copies)")
     p.add_argument("--reconcile-interval", type=float, metavar="SECONDS",
                    help="seconds between stat-only reconciliation passes (default 30)")
+    p.add_argument("--scan-processes", type=int, metavar="N",
+                   help="processes that pin a first start's new sessions beside the daemon (default 0: one "
+                        "per CPU, at most 4; 1: none)")
     p.add_argument("--log-format", choices=config.LOG_FORMATS, help="default auto: journal under systemd, "
                    "console on a TTY, else JSON lines on stdout")
     p.add_argument("--log-level", choices=config.LOG_LEVELS)

@@ -20,6 +20,7 @@ from . import fsutil
 from .count import stat_hash
 from .errors import UnsafeSessionFile
 from .hint import CacheEntry, RestartHint
+from .scanpool import SERIAL_FIRST, Pool
 from .tracker import Tracker
 from .watchstate import Tracked, WatchState, skip_key
 
@@ -72,7 +73,7 @@ def count_files(ws: WatchState) -> int:
 
 def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
          find_orphans: bool = False, progress: Progress | None = None,
-         stop: Callable[[], bool] | None = None) -> dict[str, int]:
+         stop: Callable[[], bool] | None = None, processes: int = 0) -> dict[str, int]:
     """Every file against its pin. Sessions the daemon knew (or the cache knew) whose
     file is gone were deleted while nobody looked: their pins become versions.
     *find_orphans* (a start without a cache) lists every pin first: sessions it did
@@ -83,14 +84,19 @@ def scan(tracker: Tracker, ws: WatchState, cache: RestartHint | None = None, *,
 
     When *stop* turns true the scan ends where it is, with ``abandoned=1`` in its
     result: every file it did is as safe as after a kill there, and a scan that ran
-    on over 200,000 files would hold ``systemctl stop`` past its timeout."""
+    on over 200,000 files would hold ``systemctl stop`` past its timeout.
+
+    *processes*: how many child processes may pin the sessions a first start
+    (*find_orphans*) finds without a pin, past the first :data:`~.scanpool.SERIAL_FIRST`
+    (see :mod:`~sessionguard.scanpool`); 0: the scan pins them all itself."""
     assert ws.store is not None and ws.root_fd is not None
     started = time.monotonic()
     total = (len(cache) if cache else count_files(ws)) if progress is not None else 0
     suffix = _named_by_cache(ws, cache)
     # Without a hint most sessions of a start have no pin: one listing spares a lookup each.
     pinned = set(ws.store.pins.sids()) if find_orphans else None
-    walked = _Walk(tracker, ws, cache=cache, pinned=pinned, progress=progress, total=total, stop=stop)
+    walked = _Walk(tracker, ws, cache=cache, pinned=pinned, progress=progress, total=total, stop=stop,
+                   processes=processes if pinned is not None else 0)
     with ws.store.locks.keeping():
         walked.run(suffix)
     outcomes, seen, unchanged = walked.outcomes, walked.seen, walked.unchanged
@@ -132,12 +138,17 @@ class _Walk:
     from the restart hint as it met them (*adopted*; *met* marks them by their place in
     the hint's ids), the sessions the daemon knew before it (*known*), the tmp files in
     the directory itself (for the sweep), and the file it stopped at when told to stop
-    (None: it went through)."""
+    (None: it went through). Sessions without a pin go to child processes once it has
+    pinned :data:`SERIAL_FIRST` itself, if it may start *processes*."""
 
     def __init__(self, tracker: Tracker, ws: WatchState, *, cache: RestartHint | None, pinned: set[str] | None,
-                 progress: Progress | None, total: int, stop: Callable[[], bool] | None) -> None:
+                 progress: Progress | None, total: int, stop: Callable[[], bool] | None,
+                 processes: int = 0) -> None:
         self.tracker, self.ws, self.cache, self.pinned = tracker, ws, cache, pinned
         self.progress, self.total, self.stop = progress, total, stop
+        self.processes = processes
+        self.pool: Pool | None = None
+        self.new_pins = 0
         self.known = list(ws.files)
         self.outcomes: Counter[str] = Counter()
         self.seen: set[str] = set()
@@ -150,10 +161,14 @@ class _Walk:
         if suffix and self.cache is not None:
             self._restart_flat(self.cache, suffix)
             return
-        for done, (parts, entry) in enumerate(walk(self.ws), 1):
-            if done % CHECK_EVERY == 0 and self._stopping(done):
-                return
-            self._one(parts, entry, self.cache)
+        try:
+            for done, (parts, entry) in enumerate(walk(self.ws), 1):
+                if done % CHECK_EVERY == 0 and self._stopping(done):
+                    return
+                self._one(parts, entry, self.cache)
+        finally:
+            if self.pool is not None:
+                self.pool.finish()  # every name handed out answered (as after a kill: nothing torn)
 
     def _stopping(self, done: int) -> bool:
         """Asked every :data:`CHECK_EVERY` files: told to stop? (progress every :data:`PROGRESS_EVERY`)"""
@@ -179,8 +194,36 @@ class _Walk:
                 self.unchanged += 1
                 return
         pinless = self.pinned is not None and sid is not None and sid not in self.pinned
+        regular = entry.is_file(follow_symlinks=False)
+        if pinless and regular and sid is not None and sid not in ws.files and self._pooled(parts, sid):
+            return
         self.outcomes[self.tracker.evaluate_at(ws, parts, sid, why, unseen=True, pinless=pinless,
-                                               regular=entry.is_file(follow_symlinks=False))] += 1
+                                               regular=regular)] += 1
+
+    def _pooled(self, parts: tuple[str, ...], sid: str) -> bool:
+        """Hand a new session to the processes, if there are (or now should be) some."""
+        if self.pool is None:
+            self.new_pins += 1
+            if not self.processes or self.new_pins <= SERIAL_FIRST:
+                return False
+            self.pool = Pool.start(self.ws, self.processes, self._answered, self.tracker.log)
+            if self.pool is None:
+                self.processes = 0  # could not start one: not tried again
+                return False
+        self.pool.submit(parts, sid)
+        return True
+
+    def _answered(self, parts: tuple[str, ...], sid: str, tracked: Tracked | None) -> None:
+        """A process's answer: its new pin, or None — then the scan evaluates the session
+        itself, unless it is stopping (a name not pinned is as after a kill there)."""
+        if tracked is None:
+            if self.stopped_at is not None:
+                return
+            self.outcomes[self.tracker.evaluate_at(self.ws, parts, sid, None, unseen=True, pinless=True,
+                                                   regular=True)] += 1
+            return
+        self.tracker.adopt(self.ws, parts, sid, tracked)
+        self.outcomes["new"] += 1
 
     def _restart_flat(self, cache: RestartHint, suffix: str) -> None:
         """A restart of a flat watch with an exact hint: the directory's entries are met in

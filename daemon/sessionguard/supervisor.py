@@ -71,9 +71,11 @@ class Supervisor:
 
     def __init__(self, tracker: Tracker, watcher: Watcher, stats: Stats, log: Any, *,
                  reconcile_interval: float, progress: passes.Progress | None = None,
-                 stopping: Callable[[], bool] | None = None) -> None:
+                 stopping: Callable[[], bool] | None = None, scan_processes: int = 0) -> None:
         self.tracker, self.watcher, self.stats, self.log = tracker, watcher, stats, log
         self.reconcile_interval = reconcile_interval
+        #: Child processes a start without pins.cache may pin new sessions with (see :mod:`.scanpool`).
+        self.scan_processes = scan_processes
         self.progress = progress
         #: True once the daemon stops: scans end where they are (see :func:`passes.scan`).
         self.stopping = stopping
@@ -103,7 +105,8 @@ class Supervisor:
             refused = self._schedule(ws)
             cache = ws.store.pins.load_cache(ws.cache_settings()) if ws.store is not None else None
             done = passes.scan(self.tracker, ws, cache or None, find_orphans=not cache,
-                               progress=self.progress if initial else None, stop=self.stopping)
+                               progress=self.progress if initial else None, stop=self.stopping,
+                               processes=self.scan_processes)
             if done.get("abandoned"):  # stopping: as after a kill mid-scan, pins.cache stays
                 self._close(ws)
                 return

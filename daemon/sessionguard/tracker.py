@@ -24,7 +24,7 @@ from typing import Any
 from . import fsutil
 from .count import Parsed, parse, stat_hash
 from .errors import FileTooLarge, SessionLocked, StoreError, UnsafeSessionFile
-from .pins import compress
+from .pins import Pins, compress
 from .rules import Identity, is_loss, replaced
 from .stats import Overwritten, Stats
 from .store import Captured, Kept, Store
@@ -300,29 +300,9 @@ class Tracker:
     def _pin(self, case: _Case, live: _Live, new: Parsed, ident: Identity | None, prior: Tracked | None) -> str:
         """Move the pin to the content just read; remember what it holds (*ident*: its
         message keys, None for a scan's new pin)."""
-        ws, pins = case.ws, case.store.pins
+        ws = case.ws
         fresh = case.pinless and prior is None  # the caller saw no pin: refuse to replace one
-        if ws.cfg.pin == "link":
-            try:
-                pst = pins.link(case.sid, live.dir_fd, live.name, live.st, fresh=fresh)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
-                    raise
-                pst = pins.write(case.sid, live.data, fresh=fresh, spare=True)
-        elif ws.cfg.pin == "zstd":
-            pst = pins.write(case.sid, compress(live.data), fresh=fresh, spare=True)
-        else:
-            # ws.pin_method was probed once at bring-up: on a filesystem without reflinks every
-            # attempt would cost a tmp file made, a failed FICLONE and an unlink per pin
-            cloned = (pins.reflink(case.sid, live.fd, ws.cfg.max_file_bytes, fresh=fresh)
-                      if ws.pin_method == "reflink" else None)
-            if cloned is None:
-                pst = pins.write(case.sid, live.data, fresh=fresh, spare=True)
-            else:
-                pst = cloned[1]
-                if cloned[0] != live.data:  # an in-place writer moved on: describe what is pinned
-                    new = parse(cloned[0], ws.spec)
-                    ident = None if ident is None else Identity.of(new)
+        pst, new, ident = _write_pin(ws, case.store.pins, case.sid, live, new, ident=ident, fresh=fresh)
         ws.files[case.sid] = Tracked(stat_hash(live.st), new.count, ident.first if ident else 0,
                                      ident.prev if ident else 0, pin_key(pst))
         mark = ws.restored.get(case.sid)
@@ -332,6 +312,13 @@ class Tracker:
         if prior is None:
             return "new"
         return _growth(prior.count, new.count)
+
+    def adopt(self, ws: WatchState, parts: tuple[str, ...], sid: str, tracked: Tracked) -> None:
+        """A new pin a scan process made (:func:`pin_new`): counted as an evaluation, and
+        remembered unless an event's evaluation got to the session first (its pin is newer)."""
+        self.stats.bump("evaluations")
+        ws.skipped.pop("/".join(parts), None)
+        ws.files.setdefault(sid, tracked)
 
     def _too_large(self, case: _Case, st: os.stat_result, tracked: Tracked | None) -> str:
         """Never read or copy it; the pin (the last good version) becomes a version."""
@@ -373,6 +360,63 @@ class Tracker:
             ws.skipped[rel] = key
             self.log.warning("file.skipped", watch=ws.root, path=os.path.join(ws.root, rel), why=why)
         return "skipped"
+
+
+def pin_new(ws: WatchState, parts: tuple[str, ...], sid: str) -> Tracked | None:
+    """Pin a session the caller listed without a pin, and do nothing else: what a scan
+    process does (:mod:`~sessionguard.scanpool`) for the daemon, which alone logs, counts,
+    captures and remembers. Returns what the daemon is to remember of it; None for
+    anything but a plain new pin — the session's lock held, a pin that appeared meanwhile,
+    a name that is not plainly a regular file the directory's owner may have, a file over
+    the size cap, any error — which the daemon then evaluates itself. Nothing is left
+    behind by a None: a pin is linked under its name only once whole."""
+    store = ws.store
+    if store is None or ws.root_fd is None:
+        return None
+    try:
+        with ws.gate.shared(), store.lock(sid, LOCK_WAIT):
+            dir_fd = ws.open_parent(parts) if len(parts) > 1 else ws.root_fd
+            try:
+                fd, st = fsutil.open_regular(parts[-1], dir_fd=dir_fd)
+                try:
+                    if ws.foreign_link(st) is not None:
+                        return None
+                    data = fsutil.read_fd(fd, st, ws.cfg.max_file_bytes, "/".join(parts))
+                    live = _Live(dir_fd, parts[-1], fd, st, data)
+                    pst, new, _ = _write_pin(ws, store.pins, sid, live, parse(data, ws.spec), ident=None, fresh=True)
+                finally:
+                    os.close(fd)
+            finally:
+                if dir_fd != ws.root_fd:
+                    os.close(dir_fd)
+    except (OSError, UnsafeSessionFile, SessionLocked, StoreError):
+        return None  # FileTooLarge and FileExistsError are OSErrors
+    return Tracked(stat_hash(st), new.count, 0, 0, pin_key(pst))
+
+
+def _write_pin(ws: WatchState, pins: Pins, sid: str, live: _Live, new: Parsed, *, ident: Identity | None,
+               fresh: bool) -> tuple[os.stat_result, Parsed, Identity | None]:
+    """Write *sid*'s pin of *live* by the watch's method: the pin's ``stat``, and *new*
+    and *ident* again, re-taken from the clone when an in-place writer moved on under a
+    reflink (they then describe what is pinned). *fresh*: see :meth:`Pins.write`."""
+    if ws.cfg.pin == "link":
+        try:
+            return pins.link(sid, live.dir_fd, live.name, live.st, fresh=fresh), new, ident
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT):
+                raise
+            return pins.write(sid, live.data, fresh=fresh, spare=True), new, ident
+    if ws.cfg.pin == "zstd":
+        return pins.write(sid, compress(live.data), fresh=fresh, spare=True), new, ident
+    # ws.pin_method was probed once at bring-up: on a filesystem without reflinks every
+    # attempt would cost a tmp file made, a failed FICLONE and an unlink per pin
+    cloned = pins.reflink(sid, live.fd, ws.cfg.max_file_bytes, fresh=fresh) if ws.pin_method == "reflink" else None
+    if cloned is None:
+        return pins.write(sid, live.data, fresh=fresh, spare=True), new, ident
+    if cloned[0] != live.data:  # an in-place writer moved on: describe what is pinned
+        new = parse(cloned[0], ws.spec)
+        ident = None if ident is None else Identity.of(new)
+    return cloned[1], new, ident
 
 
 def _kind(st: os.stat_result) -> str:

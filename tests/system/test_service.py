@@ -388,6 +388,11 @@ def test_a_first_scan_longer_than_the_start_timeout_ends_active(box: nspawn.Cont
     assert took > 2 * int(START_TIMEOUT[:-1]), f"the scan took {took:.1f} s: too short to prove anything; raise N_BIG"
     assert "start operation timed out" not in c.journal(UNIT, lines=2000)
     assert n_files(c, f"{BIG}/.sessionguard/pins") == N_BIG  # READY came after every file was pinned
+    # the hardened unit lets the scan start its processes (two CPUs here: two) and they all did their part
+    names = [e["SESSIONGUARD_EVENT"] for e in journal_json(c, f"_PID={seen[-1]['MainPID']}")
+             if "SESSIONGUARD_EVENT" in e]
+    assert "scan.processes" in names and "scan.process_failed" not in names, names
+    assert "scan.processes_failed" not in names, names
 
 
 def n_files(c: nspawn.Container, folder: str) -> int:

@@ -1,0 +1,160 @@
+"""A first start's new pins made by child processes (scanpool): what a child pins, what it
+hands back to the daemon, a child that fails, and a daemon whose start uses them."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from daemonproc import DaemonProc
+from sessionguard import scanpool
+from sessionguard.scanpool import BATCH, Pool, processes_for
+from sessionguard.store import Store
+from sessionguard.tracker import pin_new
+from sessionguard.watchstate import Tracked, pin_key
+from sghelpers import HeldElsewhere, make_session, needs_root
+from test_tracker import Env
+
+
+def body(sid: str, n: int = 5) -> bytes:
+    return orjson.dumps(make_session(n, sid), option=orjson.OPT_INDENT_2)
+
+
+def sessions(sdir: Path, count: int) -> list[str]:
+    sids = [f"s{i:05d}abcdef" for i in range(count)]
+    for sid in sids:
+        (sdir / f"{sid}.json").write_bytes(body(sid))
+    return sids
+
+
+def pins(store: Store) -> Path:
+    return Path(store.where) / "pins"
+
+
+# -- pin_new: what a child does ------------------------------------------------------
+
+
+def test_a_new_session_is_pinned_and_described(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    (tmp_path / "abc.json").write_bytes(body("abc", 7))
+    got = pin_new(env.ws, ("abc.json",), "abc")
+    assert got is not None and got.count == 7 and (got.first, got.prev) == (0, 0)
+    pin = pins(env.store) / "abc"
+    assert pin.read_bytes() == body("abc", 7)
+    assert got.pin == pin_key(os.lstat(pin))
+    assert "abc" not in env.ws.files and env.log.events == []  # remembered and logged by the daemon only
+
+
+def test_anything_but_a_plain_new_pin_is_handed_back_untouched(tmp_path: Path) -> None:
+    """A pin that appeared meanwhile, a file over the size cap, a symlink, a FIFO: None,
+    and nothing written (the daemon evaluates each itself, logs and all)."""
+    env = Env(tmp_path, max_file_bytes=1000)
+    (tmp_path / "had.json").write_bytes(body("had"))
+    (pins(env.store) / "had").write_bytes(b"the pin before")
+    (tmp_path / "big.json").write_bytes(body("big", 50))
+    (tmp_path / "link.json").symlink_to(tmp_path / "had.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    for sid in ("had", "big", "link", "fifo"):
+        assert pin_new(env.ws, (f"{sid}.json",), sid) is None, sid
+    assert sorted(p.name for p in pins(env.store).iterdir()) == ["had"]
+    assert (pins(env.store) / "had").read_bytes() == b"the pin before"
+
+
+@needs_root
+def test_someone_elses_hard_link_is_handed_back(tmp_path: Path) -> None:
+    sdir = tmp_path / "s"
+    sdir.mkdir()
+    env = Env(sdir)
+    secret = tmp_path / "secret"
+    secret.write_bytes(body("x"))
+    os.chown(secret, 4321, 4321)
+    os.link(secret, sdir / "x.json")
+    assert pin_new(env.ws, ("x.json",), "x") is None
+    assert list(pins(env.store).iterdir()) == []
+
+
+def test_a_session_locked_elsewhere_is_handed_back(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    (tmp_path / "abc.json").write_bytes(body("abc"))
+    with HeldElsewhere(env.store.where, "abc") as held:
+        assert pin_new(env.ws, ("abc.json",), "abc") is None
+        held.release()
+    assert pin_new(env.ws, ("abc.json",), "abc") is not None
+
+
+def test_processes_follow_the_setting() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert processes_for(1) == 0 and processes_for(3) == 3
+    assert processes_for(0) == (min(cpus, scanpool.MAX_PROCESSES) if cpus > 1 else 0)
+
+
+# -- the pool --------------------------------------------------------------------------
+
+
+def test_a_failed_process_hands_back_what_it_had_not_answered(tmp_path: Path) -> None:
+    """One of two children is stopped, given two batches, then killed: its names come back
+    as None (the daemon pins them itself), the other's as pins; each name answered once."""
+    env = Env(tmp_path)
+    sids = sessions(tmp_path, 3 * BATCH)
+    answers: dict[str, Tracked | None] = {}
+
+    def answer(parts: tuple[str, ...], sid: str, tracked: Tracked | None) -> None:
+        assert sid not in answers, f"{sid} answered twice"
+        answers[sid] = tracked
+
+    with env.store.locks.keeping():
+        pool = Pool.start(env.ws, 2, answer, env.log)
+        assert pool is not None
+        stopped, running = pool.pids
+        os.kill(stopped, signal.SIGSTOP)
+        for sid in sids:  # batches 1 and 3 to the first child, 2 to the second
+            pool.submit((f"{sid}.json",), sid)
+        os.kill(stopped, signal.SIGKILL)
+        pool.finish()
+    assert sorted(answers) == sids
+    handed_back = [sid for sid in sids if answers[sid] is None]
+    assert handed_back == sids[:BATCH] + sids[2 * BATCH:]
+    for sid in sids[BATCH:2 * BATCH]:
+        t = answers[sid]
+        assert t is not None and t.count == 5
+        assert (pins(env.store) / sid).read_bytes() == body(sid)
+    assert not any((pins(env.store) / sid).exists() for sid in handed_back)
+    failed = [kw for _, event, kw in env.log.events if event == "scan.process_failed"]
+    assert [kw["pid"] for kw in failed] == [stopped] and failed[0]["status"] == -signal.SIGKILL
+    for pid in (stopped, running):
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped: nothing left running or in the process table
+
+
+# -- a daemon's first start ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+def test_a_first_start_pins_every_session_with_or_without_processes(tmp_path: Path, processes: int) -> None:
+    """Past its first 1,000 new pins a first start hands the rest to its processes; what it
+    ends with is the same as alone: every session pinned (a pin equal to its file) and
+    remembered, and a wipe of any of them kept."""
+    sdir = tmp_path / "s"
+    sdir.mkdir()
+    count = scanpool.SERIAL_FIRST + 3 * BATCH
+    sids = sessions(sdir, count)
+    d = DaemonProc(tmp_path, ["--watch", str(sdir), "--scan-processes", str(processes)])
+    try:
+        d.wait_event("daemon.started", timeout=120)
+        done = d.events("scan.completed")[0]
+        assert (done["new"], done["sessions"], done["files"]) == (count, count, count)
+        started = d.events("scan.processes")
+        assert [e["processes"] for e in started] == ([processes] if processes > 1 else [])
+        store = sdir / ".sessionguard"
+        assert all((store / "pins" / sid).read_bytes() == body(sid) for sid in sids)
+        wiped = sids[-1]
+        (sdir / f"{wiped}.json").write_bytes(orjson.dumps({"id": wiped, "messages": []}))
+        kept = d.wait_event("version.kept", timeout=60)
+        assert (kept["sid"], kept["count"]) == (wiped, 5)
+    finally:
+        d.stop()
+    assert d.events("daemon.error") == [] and d.events("worker.error") == []
