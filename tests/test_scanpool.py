@@ -130,6 +130,23 @@ def test_a_failed_process_hands_back_what_it_had_not_answered(tmp_path: Path) ->
             os.waitpid(pid, os.WNOHANG)  # reaped: nothing left running or in the process table
 
 
+def test_every_process_is_kept_busy(tmp_path: Path) -> None:
+    """When every child has its fill of batches, the next goes to whichever answers first:
+    with two children and sixteen batches each answers several (a pool that always waited
+    on the first child left the second two batches and nothing more)."""
+    env = Env(tmp_path)
+    sids = sessions(tmp_path, 16 * BATCH)
+    got: list[str] = []
+    with env.store.locks.keeping():
+        pool = Pool.start(env.ws, 2, lambda parts, sid, t: got.append(sid) if t is not None else None, env.log)
+        assert pool is not None
+        for sid in sids:
+            pool.submit((f"{sid}.json",), sid)
+        pool.finish()
+    assert sorted(got) == sids
+    assert sum(pool.answered.values()) == len(sids) and min(pool.answered.values()) >= 4 * BATCH, pool.answered
+
+
 # -- a daemon's first start ---------------------------------------------------------------
 
 

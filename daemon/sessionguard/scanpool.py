@@ -27,6 +27,7 @@ import collections
 import ctypes
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
@@ -73,6 +74,7 @@ class _Child:
     stdin: IO[bytes]
     stdout: IO[bytes]
     pending: collections.deque[list[Item]]
+    answered: int = 0
 
 
 class Pool:
@@ -98,8 +100,9 @@ class Pool:
         children: list[_Child] = []
         for _ in range(processes):
             try:
+                # unbuffered (bufsize=0): select() on a child's pipe then sees every answer it wrote
                 proc = subprocess.Popen([sys.executable, "-m", "sessionguard.scanpool"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env, close_fds=True,
+                                        stdout=subprocess.PIPE, env=env, close_fds=True, bufsize=0,
                                         pass_fds=(ws.root_fd, store.parent_fd, store.fd))
                 assert proc.stdin is not None and proc.stdout is not None
                 child = _Child(proc, proc.stdin, proc.stdout, collections.deque())
@@ -116,8 +119,13 @@ class Pool:
 
     @property
     def pids(self) -> list[int]:
-        """The children's process ids (until :meth:`finish`)."""
+        """The children's process ids."""
         return [c.proc.pid for c in self._children]
+
+    @property
+    def answered(self) -> dict[int, int]:
+        """How many names each child (by pid) has answered so far."""
+        return {c.proc.pid: c.answered for c in self._children}
 
     def submit(self, parts: tuple[str, ...], sid: str) -> None:
         self._batch.append((parts, sid))
@@ -135,7 +143,6 @@ class Pool:
                 self._collect(child)
             child.proc.wait()
             _close(child.stdout)
-        self._children = []
 
     def _dispatch(self) -> None:
         batch, self._batch = self._batch, []
@@ -146,8 +153,9 @@ class Pool:
                     self._answer(parts, sid, None)
                 return
             child = min(live, key=lambda c: len(c.pending))
-            if len(child.pending) >= _IN_FLIGHT:
-                self._collect(child)
+            if len(child.pending) >= _IN_FLIGHT:  # all busy: take the first answer any gives
+                ready, _, _ = select.select([c.stdout for c in live], [], [])
+                self._collect(next(c for c in live if c.stdout in ready))
                 continue
             try:
                 _send(child.stdin, batch)
@@ -169,6 +177,7 @@ class Pool:
             self._failed(child, "an answer that does not match its batch")
             return
         child.pending.popleft()
+        child.answered += len(batch)
         for (parts, sid), fields in zip(batch, answers, strict=True):
             self._answer(parts, sid, Tracked(*fields) if fields is not None else None)
 
@@ -194,20 +203,32 @@ def _close(f: IO[bytes]) -> None:
 
 
 def _send(f: IO[bytes], obj: Any) -> None:
+    """One message: its length, then its pickle (the pipe may take it in parts)."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    f.write(struct.pack(">I", len(data)) + data)
+    view = memoryview(struct.pack(">I", len(data)) + data)
+    while view:
+        written = f.write(view)
+        if written is None:  # only a non-blocking pipe says so; ours block
+            raise BlockingIOError("a scan process's pipe would block")
+        view = view[written:]
     f.flush()
 
 
 def _receive(f: IO[bytes]) -> Any:
-    head = f.read(4)
-    if len(head) < 4:
-        raise EOFError("the process ended")
-    (size,) = struct.unpack(">I", head)
-    data = f.read(size)
-    if len(data) < size:
-        raise EOFError("the process ended mid-answer")
-    return pickle.loads(data)
+    (size,) = struct.unpack(">I", _exactly(f, 4))
+    return pickle.loads(_exactly(f, size))
+
+
+def _exactly(f: IO[bytes], size: int) -> bytes:
+    """*size* bytes from *f*, over as many reads as an unbuffered pipe takes."""
+    parts: list[bytes] = []
+    while size:
+        part = f.read(size)
+        if not part:
+            raise EOFError("the process ended")
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
 
 
 # -- the child ---------------------------------------------------------------------
