@@ -17,8 +17,9 @@ process, and a child writes nothing but new pins, exactly as the daemon would.
 A child dies with the daemon (``PR_SET_PDEATHSIG``), so a killed start leaves
 nobody writing, and ignores the stop signals its process group gets (the
 daemon ends the scan and closes its input); a pin is linked under its name
-only once whole, so a kill at any point leaves none torn. A child that fails (killed, out of memory) hands
-back every name it had not answered, and the daemon pins those itself.
+only once whole, so a kill at any point leaves none torn. A child that fails
+(killed, out of memory) hands back every name it had not answered, and the
+daemon pins those itself.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class _Child:
     stdout: IO[bytes]
     pending: collections.deque[list[Item]]
     answered: int = 0
+    failed: bool = False
 
 
 class Pool:
@@ -104,14 +106,17 @@ class Pool:
                 proc = subprocess.Popen([sys.executable, "-m", "sessionguard.scanpool"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env, close_fds=True, bufsize=0,
                                         pass_fds=(ws.root_fd, store.parent_fd, store.fd))
-                assert proc.stdin is not None and proc.stdout is not None
-                child = _Child(proc, proc.stdin, proc.stdout, collections.deque())
-                _send(child.stdin, setup)
             except OSError as exc:
                 log.warning("scan.processes_failed", watch=ws.root, started=len(children), error=str(exc),
-                            hint="the daemon pins the sessions itself")
+                            hint="the scan goes on with the processes started (none: the daemon pins alone)")
                 break
+            assert proc.stdin is not None and proc.stdout is not None
+            child = _Child(proc, proc.stdin, proc.stdout, collections.deque())
             children.append(child)
+            try:
+                _send(child.stdin, setup)
+            except OSError:
+                pass  # it died at once: its first batch finds out and says why (scan.process_failed)
         if not children:
             return None
         log.info("scan.processes", watch=ws.root, processes=len(children), pids=[c.proc.pid for c in children])
@@ -141,7 +146,8 @@ class Pool:
             _close(child.stdin)
             while child.pending:
                 self._collect(child)
-            child.proc.wait()
+            if child.proc.wait() != 0 and not child.failed:  # one that died with nothing in hand
+                self._failed(child, "ended with nothing unanswered")
             _close(child.stdout)
 
     def _dispatch(self) -> None:
@@ -183,6 +189,7 @@ class Pool:
 
     def _failed(self, child: _Child, why: str) -> None:
         """*child* is no use: killed, and its unanswered names answered None."""
+        child.failed = True
         if child.proc.returncode is None:
             child.proc.kill()
         status = child.proc.wait()
