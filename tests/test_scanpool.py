@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -18,6 +20,7 @@ from sessionguard.tracker import pin_new
 from sessionguard.watchstate import Tracked, pin_key
 from sghelpers import HeldElsewhere, make_session, needs_root
 from test_tracker import Env
+from torture_supervisor import children_of, outliving
 
 
 def body(sid: str, n: int = 5) -> bytes:
@@ -175,3 +178,70 @@ def test_a_first_start_pins_every_session_with_or_without_processes(tmp_path: Pa
     finally:
         d.stop()
     assert d.events("daemon.error") == [] and d.events("worker.error") == []
+
+
+def test_a_daemon_killed_while_its_processes_pin_leaves_none_running_and_no_false_pin(tmp_path: Path) -> None:
+    """SIGKILL the daemon as soon as it says its processes started: they die with it (none is
+    left running or able to write), every pin left holds exactly its session's bytes, and
+    the next start pins the rest."""
+    sdir = tmp_path / "s"
+    sdir.mkdir()
+    sids = sessions(sdir, scanpool.SERIAL_FIRST + 16 * BATCH)
+    d = DaemonProc(tmp_path, ["--watch", str(sdir), "--scan-processes", "2"])
+    try:
+        pids = d.wait_event("scan.processes", timeout=120)["pids"]
+    finally:
+        d.kill()
+    assert len(pids) == 2 and outliving(pids, 10) == []
+    pinned = sorted(p.name for p in (sdir / ".sessionguard" / "pins").iterdir())
+    assert set(pinned) <= set(sids) and len(pinned) < len(sids), "killed after the scan: proves nothing"
+    assert all((sdir / ".sessionguard" / "pins" / sid).read_bytes() == body(sid) for sid in pinned)
+    d = DaemonProc(tmp_path, ["--watch", str(sdir), "--scan-processes", "2"])
+    try:
+        d.wait_event("daemon.started", timeout=120)
+        assert all((sdir / ".sessionguard" / "pins" / sid).read_bytes() == body(sid) for sid in sids)
+    finally:
+        d.stop()
+
+
+_ORPHANING = r"""
+import os, sys, time
+from pathlib import Path
+sys.path[:0] = sys.argv[2:]
+from test_scanpool import BATCH, sessions
+from test_tracker import Env
+from sessionguard.scanpool import Pool
+env = Env(Path(sys.argv[1]))
+pool = Pool.start(env.ws, 2, lambda *a: None, env.log)
+sids = iter(sessions(Path(sys.argv[1]), 40 * BATCH))
+while min(pool.answered.values()) == 0:  # both past their start (which checks for a parent)
+    for _ in range(BATCH):
+        sid = next(sids)
+        pool.submit((sid + ".json",), sid)
+if os.fork() == 0:  # holds the pipes to the processes open: their input never ends
+    time.sleep(120)
+    os._exit(0)
+print(" ".join(map(str, pool.pids)), flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_processes_die_with_their_daemon_even_if_their_input_stays_open(tmp_path: Path) -> None:
+    """A daemon killed while a process of its own that it forked meanwhile (or anything else)
+    still holds the processes' pipes: they must not wait for an end of input that never
+    comes — they die with the daemon (PR_SET_PDEATHSIG)."""
+    tests = str(Path(__file__).parent)
+    helper = subprocess.Popen([sys.executable, "-c", _ORPHANING, str(tmp_path), tests, *sys.path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert helper.stdout is not None
+        pids = [int(p) for p in helper.stdout.readline().split()]
+        assert len(pids) == 2 and outliving(pids, 0) == pids
+        holder = [p for p in children_of(helper.pid) if p not in pids]
+        helper.kill()
+        helper.wait()
+        assert outliving(pids, 10) == []
+    finally:
+        helper.kill()
+        for pid in holder if "holder" in locals() else []:
+            os.kill(pid, signal.SIGKILL)

@@ -223,7 +223,11 @@ class Supervisor:
         random moment of it), as a power cut, systemd's start timeout or a stop would; between
         kills, wipe a few sessions the killed scan had pinned. The next start that finishes
         is checked like any restart; the wiped sessions' pinned bytes must be kept."""
-        estimate = max(1.0, len(filler) * 0.0002)  # seconds: replaced by each scan seen to finish
+        # seconds, replaced by each scan seen to finish. Short on purpose: a first scan with
+        # its processes runs ~0.1 ms a file here, and an estimate too short only lands a kill
+        # earlier in the scan, where one too long lands it after (and the next start, with
+        # every session pinned, has no first scan left to kill)
+        estimate = max(1.0, len(filler) * 0.00005)
         for _ in range(4 * kills):
             if self.scan_kills() >= kills:
                 return
@@ -280,7 +284,6 @@ class Supervisor:
         the start timeout's first signal), which ends the scan where it is. Returns the kill's
         plan and whether the scan was still running (the log, read once the daemon is gone, says)."""
         children = children_of(d.proc.pid)
-        self.scan_children.append(len(children))
         try:
             if self.rng.random() < 1 / 3:
                 d.signal(signal.SIGTERM)
@@ -291,6 +294,7 @@ class Supervisor:
             during = not d.events("scan.completed")
             return ("first-scan" if during else "first-scan-late"), during
         finally:
+            self.scan_children.append(len(children))
             self.scan_children_outlived += outliving(children, 10)
 
     def _after_scan_kill(self, filler: list[str]) -> None:
