@@ -3,10 +3,12 @@ and the inotify reader that fills it (in batches)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyEvent, Mask, WatchDescriptor
@@ -134,32 +136,44 @@ class _Names:
             assert self.seen.wait_for(lambda: name in self.names, 30), f"{name!r} never came"
 
 
+class _Recording(InotifyReader):
+    """The reader, remembering the names each read brought (one list per read)."""
+
+    def __init__(self, batch_s: float = BATCH_SECONDS, queued: Callable[[], int] | None = None) -> None:
+        super().__init__(batch_s, queued)
+        self.reads: list[list[bytes]] = []
+
+    def read_events(self, *, event_buffer_size: int = 64 * 1024) -> list[InotifyEvent]:
+        events = super().read_events(event_buffer_size=event_buffer_size)
+        self.reads.append([e.name for e in events])
+        return events
+
+
+@contextlib.contextmanager
+def reading(reader: _Recording, folder: Path, names: _Names) -> Iterator[None]:
+    """*reader* running, telling *names* of every file made in *folder*; stopped after."""
+    reader.add_callback(os.fsencode(folder), Mask(InotifyConstants.IN_CREATE), names, CallbackId(1))
+    reader.start()
+    try:
+        yield
+    finally:
+        reader.stop()
+        reader.join(30)
+
+
 def test_the_reader_takes_what_came_during_its_pause_in_one_read(tmp_path: Path) -> None:
     """After a batch the reader pauses, and the next read takes every event of the pause:
     three files made 20 ms apart arrive in one read, where a reader that reads as soon as
     anything is there (watchdog's own loop) takes the first alone."""
-    reads: list[list[bytes]] = []
-
-    class Counting(InotifyReader):
-        def read_events(self, *, event_buffer_size: int = 64 * 1024) -> list[InotifyEvent]:
-            events = super().read_events(event_buffer_size=event_buffer_size)
-            reads.append([e.name for e in events])
-            return events
-
-    reader, names = Counting(batch_s=1.0), _Names()
-    reader.add_callback(os.fsencode(tmp_path), Mask(InotifyConstants.IN_CREATE), names, CallbackId(1))
-    reader.start()
-    try:
+    reader, names = _Recording(batch_s=1.0), _Names()
+    with reading(reader, tmp_path, names):
         (tmp_path / "a").touch()
         names.wait_for(b"a")  # handled: the reader now pauses for a second
         for name in ("b", "c", "d"):
             (tmp_path / name).touch()
             time.sleep(0.02)
         names.wait_for(b"d")
-    finally:
-        reader.stop()
-        reader.join(30)
-    assert [b"b", b"c", b"d"] in reads, reads
+    assert [b"b", b"c", b"d"] in reader.reads, reader.reads
     assert names.names == [b"a", b"b", b"c", b"d"]
 
 
@@ -168,18 +182,8 @@ def test_a_steady_stream_wakes_the_reader_at_most_once_per_pause(tmp_path: Path)
     one every millisecond or so for a second are read in at most one read per
     ``BATCH_SECONDS`` (plus the first), where a reader that pauses 2 ms reads hundreds
     of times. (A slow machine makes fewer reads, never more: the bound is the sleep.)"""
-    reads: list[int] = []
-
-    class Counting(InotifyReader):
-        def read_events(self, *, event_buffer_size: int = 64 * 1024) -> list[InotifyEvent]:
-            events = super().read_events(event_buffer_size=event_buffer_size)
-            reads.append(len(events))
-            return events
-
-    reader, names = Counting(), _Names()
-    reader.add_callback(os.fsencode(tmp_path), Mask(InotifyConstants.IN_CREATE), names, CallbackId(1))
-    reader.start()
-    try:
+    reader, names = _Recording(), _Names()
+    with reading(reader, tmp_path, names):
         started = time.monotonic()
         made = 0
         while time.monotonic() - started < 1.0:
@@ -188,12 +192,9 @@ def test_a_steady_stream_wakes_the_reader_at_most_once_per_pause(tmp_path: Path)
             time.sleep(0.001)
         names.wait_for(f"f{made - 1}".encode())
         seconds = time.monotonic() - started
-    finally:
-        reader.stop()
-        reader.join(30)
     assert len(names.names) == made
     assert made > 3 * seconds / BATCH_SECONDS, f"only {made} files made: the stream was not steady enough to tell"
-    assert len(reads) <= seconds / BATCH_SECONDS + 2, (len(reads), made, seconds)
+    assert len(reader.reads) <= seconds / BATCH_SECONDS + 2, (len(reader.reads), made, seconds)
 
 
 def test_a_batch_that_queued_nothing_is_not_followed_by_a_pause(tmp_path: Path) -> None:
@@ -201,14 +202,7 @@ def test_a_batch_that_queued_nothing_is_not_followed_by_a_pause(tmp_path: Path) 
     event (the rename a write is about) at once, not after its pause. Here a file that
     queues nothing, then three 20 ms apart: the first of them comes in a read of its own
     (no pause after the first file), the next two together (the pause after it)."""
-    reads: list[list[bytes]] = []
     queued = 0
-
-    class Counting(InotifyReader):
-        def read_events(self, *, event_buffer_size: int = 64 * 1024) -> list[InotifyEvent]:
-            events = super().read_events(event_buffer_size=event_buffer_size)
-            reads.append([e.name for e in events])
-            return events
 
     class Queueing(_Names):
         def on_event(self, event: InotifyEvent) -> None:
@@ -217,17 +211,12 @@ def test_a_batch_that_queued_nothing_is_not_followed_by_a_pause(tmp_path: Path) 
                 queued += 1
             super().on_event(event)
 
-    reader, names = Counting(batch_s=1.0, queued=lambda: queued), Queueing()
-    reader.add_callback(os.fsencode(tmp_path), Mask(InotifyConstants.IN_CREATE), names, CallbackId(1))
-    reader.start()
-    try:
+    reader, names = _Recording(batch_s=1.0, queued=lambda: queued), Queueing()
+    with reading(reader, tmp_path, names):
         (tmp_path / "tmp").touch()
         names.wait_for(b"tmp")
         for name in ("b", "c", "d"):
             (tmp_path / name).touch()
             time.sleep(0.02)
         names.wait_for(b"d")
-    finally:
-        reader.stop()
-        reader.join(30)
-    assert reads[-2:] == [[b"b"], [b"c", b"d"]], reads
+    assert reader.reads[-2:] == [[b"b"], [b"c", b"d"]], reader.reads
