@@ -15,10 +15,10 @@ import pytest
 from daemonproc import DaemonProc
 from sessionguard import scanpool
 from sessionguard.scanpool import BATCH, Pool, processes_for
-from sessionguard.store import Store
 from sessionguard.tracker import pin_new
 from sessionguard.watchstate import Tracked, pin_key
 from sghelpers import HeldElsewhere, make_session, needs_root
+from test_pins_spare import pins_dir
 from test_tracker import Env
 from torture_supervisor import children_of, outliving
 
@@ -34,10 +34,6 @@ def sessions(sdir: Path, count: int) -> list[str]:
     return sids
 
 
-def pins(store: Store) -> Path:
-    return Path(store.where) / "pins"
-
-
 # -- pin_new: what a child does ------------------------------------------------------
 
 
@@ -46,7 +42,7 @@ def test_a_new_session_is_pinned_and_described(tmp_path: Path) -> None:
     (tmp_path / "abc.json").write_bytes(body("abc", 7))
     got = pin_new(env.ws, ("abc.json",), "abc")
     assert got is not None and got.count == 7 and (got.first, got.prev) == (0, 0)
-    pin = pins(env.store) / "abc"
+    pin = pins_dir(env.store) / "abc"
     assert pin.read_bytes() == body("abc", 7)
     assert got.pin == pin_key(os.lstat(pin))
     assert "abc" not in env.ws.files and env.log.events == []  # remembered and logged by the daemon only
@@ -57,14 +53,14 @@ def test_anything_but_a_plain_new_pin_is_handed_back_untouched(tmp_path: Path) -
     and nothing written (the daemon evaluates each itself, logs and all)."""
     env = Env(tmp_path, max_file_bytes=1000)
     (tmp_path / "had.json").write_bytes(body("had"))
-    (pins(env.store) / "had").write_bytes(b"the pin before")
+    (pins_dir(env.store) / "had").write_bytes(b"the pin before")
     (tmp_path / "big.json").write_bytes(body("big", 50))
     (tmp_path / "link.json").symlink_to(tmp_path / "had.json")
     os.mkfifo(tmp_path / "fifo.json")
     for sid in ("had", "big", "link", "fifo"):
         assert pin_new(env.ws, (f"{sid}.json",), sid) is None, sid
-    assert sorted(p.name for p in pins(env.store).iterdir()) == ["had"]
-    assert (pins(env.store) / "had").read_bytes() == b"the pin before"
+    assert sorted(p.name for p in pins_dir(env.store).iterdir()) == ["had"]
+    assert (pins_dir(env.store) / "had").read_bytes() == b"the pin before"
 
 
 @needs_root
@@ -77,7 +73,7 @@ def test_someone_elses_hard_link_is_handed_back(tmp_path: Path) -> None:
     os.chown(secret, 4321, 4321)
     os.link(secret, sdir / "x.json")
     assert pin_new(env.ws, ("x.json",), "x") is None
-    assert list(pins(env.store).iterdir()) == []
+    assert list(pins_dir(env.store).iterdir()) == []
 
 
 def test_a_session_locked_elsewhere_is_handed_back(tmp_path: Path) -> None:
@@ -124,8 +120,8 @@ def test_a_failed_process_hands_back_what_it_had_not_answered(tmp_path: Path) ->
     for sid in sids[BATCH:2 * BATCH]:
         t = answers[sid]
         assert t is not None and t.count == 5
-        assert (pins(env.store) / sid).read_bytes() == body(sid)
-    assert not any((pins(env.store) / sid).exists() for sid in handed_back)
+        assert (pins_dir(env.store) / sid).read_bytes() == body(sid)
+    assert not any((pins_dir(env.store) / sid).exists() for sid in handed_back)
     failed = [kw for _, event, kw in env.log.events if event == "scan.process_failed"]
     assert [kw["pid"] for kw in failed] == [stopped] and failed[0]["status"] == -signal.SIGKILL
     for pid in (stopped, running):
@@ -209,6 +205,7 @@ import os, sys, time
 from pathlib import Path
 sys.path[:0] = sys.argv[2:]
 from test_scanpool import BATCH, sessions
+from test_pins_spare import pins_dir
 from test_tracker import Env
 from sessionguard.scanpool import Pool
 env = Env(Path(sys.argv[1]))
