@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import logging
 import os
@@ -131,6 +132,7 @@ def machine(workdir: Path) -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_total_kB": int(mem), "kernel": platform.release(),
             "python": platform.python_version(), "orjson": orjson.__version__,
             "watchdog": watchdog.version.VERSION_STRING, "zstandard": zstandard.__version__,
+            "pysimdjson": importlib.metadata.version("pysimdjson"),
             "workdir": str(workdir), "workdir_device": dev, "workdir_fstype": fstype,
             "workdir_journal": ext4_journal(dev) if fstype == "ext4" else None, "git_commit": commit,
             "daemon_tree_dirty": dirty, "loadavg_start": loadavg()}

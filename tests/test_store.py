@@ -6,14 +6,16 @@ import os
 import stat
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
 from sessionguard import fsutil
-from sessionguard.count import CountSpec, parse
+from sessionguard.count import CountSpec, Parsed, parse
 from sessionguard.errors import Conflict, StoreError
+from sessionguard.glance import glance
 from sessionguard.naming import Version
 from sessionguard.recovery import plan
 from sessionguard.restore import LiveFile, restore
@@ -41,9 +43,10 @@ def open_store(sdir: Path, retention: Retention | None = None, name: str = ".ses
         os.close(parent)
 
 
-def capture(store: Store, new: bytes | None, *, cause: str = "loss", keys: tuple[str, ...] = ()) -> Captured | None:
+def capture(store: Store, new: bytes | None, *, cause: str = "loss", keys: tuple[str, ...] = (),
+            parser: Callable[[bytes, CountSpec], Parsed] = parse) -> Captured | None:
     with store.lock(SID):
-        return store.capture(SID, parse(new, KEY) if new is not None else None, spec=KEY, intent_keys=keys,
+        return store.capture(SID, parser(new, KEY) if new is not None else None, spec=KEY, intent_keys=keys,
                              source="daemon", cause=cause)
 
 
@@ -97,30 +100,39 @@ def test_capture_keeps_the_pin_only_when_its_bytes_show_the_loss(store: Store) -
     assert store.versions.of(SID) == [v] and store.usage() == walk_usage(store) == (1, len(pin))
 
 
+#: The daemon hands the store its event path's glance (no document built), everyone else a full parse.
+PARSERS = pytest.mark.parametrize("parser", [parse, glance], ids=["parse", "glance"])
+
+
+@PARSERS
 @pytest.mark.parametrize(
-    "change, cause, keys, reason",
+    "change, cause, keys, reason, cls",
     [
-        ((data(5), None), "loss", (), "deleted"),
-        ((data(5), b'{"messages": [1'), "loss", (), "unparseable"),
-        ((data(5, g="a"), data(2, g="b")), "loss", ("g",), "intended"),
-        ((data(5, g="a"), data(2, g="a")), "loss", ("g",), "shrink"),
-        ((data(5), orjson.dumps({"messages": [{"content": "another"}] * 6})), "replaced", (), "replaced"),
-        ((data(5), orjson.dumps({"messages": [{"content": "another"}] * 7})), "overtaken", (), "replaced"),
+        ((data(5), None), "loss", (), "deleted", "deleted"),
+        ((data(5), b'{"messages": [1'), "loss", (), "unparseable", "unparseable"),
+        ((data(5, g="a"), data(2, g="b")), "loss", ("g",), "intended", "truncate"),
+        ((data(5, g="a"), data(2, g="a")), "loss", ("g",), "shrink", "truncate"),
+        ((data(5), orjson.dumps({"messages": [{"content": "another"}] * 3})), "loss", (), "shrink", "rewrite"),
+        ((data(5), orjson.dumps({"messages": [{"content": "another"}] * 6})), "replaced", (), "replaced", "replaced"),
+        ((data(5), orjson.dumps({"messages": [{"content": "another"}] * 7})), "overtaken", (), "replaced", "replaced"),
     ],
 )
 def test_capture_reasons(store: Store, change: tuple[bytes, bytes | None], cause: str, keys: tuple[str, ...],
-                         reason: str) -> None:
+                         reason: str, cls: str, parser: Callable[[bytes, CountSpec], Parsed]) -> None:
     pin, new = change
     store.pins.write(SID, pin)
-    got = capture(store, new, cause=cause, keys=keys)
-    assert got is not None and got.version.reason == reason and version_path(store, got.version).read_bytes() == pin
+    got = capture(store, new, cause=cause, keys=keys, parser=parser)
+    assert got is not None and (got.version.reason, got.cls) == (reason, cls)
+    assert version_path(store, got.version).read_bytes() == pin
 
 
+@PARSERS
 @pytest.mark.parametrize("cause, new", [("replaced", data(6)), ("overtaken", data(7)), ("loss", data(5)),
                                         ("replaced", data(4))])
-def test_capture_refuses_what_is_no_loss_after_all(store: Store, cause: str, new: bytes) -> None:
+def test_capture_refuses_what_is_no_loss_after_all(store: Store, cause: str, new: bytes,
+                                                   parser: Callable[[bytes, CountSpec], Parsed]) -> None:
     store.pins.write(SID, data(5))
-    assert capture(store, new, cause=cause) is None
+    assert capture(store, new, cause=cause, parser=parser) is None
     store.pins.write(SID, b"{ torn")  # an unparseable pin has nothing countable to lose
     assert capture(store, data(0)) is None and store.versions.of(SID) == []
 

@@ -22,7 +22,7 @@ LIBRARY = {"__init__", "errors", "naming", "count", "rules", "retention", "fsuti
            "versions", "storedir", "store", "migrate", "restore", "recovery", "guard", "events", "metaload", "config",
            "paths", "testing"}
 #: Third-party imports the library half must not make.
-DAEMON_ONLY_PACKAGES = {"watchdog", "structlog", "systemd", "asyncio"}
+DAEMON_ONLY_PACKAGES = {"watchdog", "structlog", "systemd", "asyncio", "simdjson"}
 
 
 def modules() -> Iterator[tuple[str, ast.Module, str]]:

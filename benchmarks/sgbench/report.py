@@ -81,7 +81,7 @@ def header(res: dict[str, Any]) -> str:
         f"kernel {m.get('kernel')}, scratch on {m.get('workdir_fstype')} ({m.get('workdir_device')})"
         + {"no": ", without a journal", "yes": ", journaled"}.get(m.get("workdir_journal") or "", ""),
         f"- software: Python {m.get('python')}, orjson {m.get('orjson')}, watchdog {m.get('watchdog')}, "
-        f"zstandard {m.get('zstandard')}",
+        f"zstandard {m.get('zstandard')}, pysimdjson {m.get('pysimdjson', '(not used)')}",
         f"- load average (1, 5, 15 min): {m.get('loadavg_start')} at start, {m.get('loadavg_end')} at end; {wait}",
     ]
     secs = res.get("sections", {})

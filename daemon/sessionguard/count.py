@@ -21,6 +21,7 @@ import collections
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +29,8 @@ import orjson
 
 #: Files larger than this are not parsed (a 1 GB file must not stall or OOM us).
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-_BOM = b"\xef\xbb\xbf"
+#: A UTF-8 byte-order mark: orjson refuses it, the standard library's parser is given the rest.
+BOM = b"\xef\xbb\xbf"
 _TOO_DEEP = b"\0too deep to compare"
 
 #: ``(st_dev, st_ino, st_size, st_mtime_ns)``: when none of these changed, the
@@ -85,7 +87,7 @@ class Parsed:
     count: int | None
     error: str | None = None
     doc: Any = None
-    messages: list[Any] | None = None
+    messages: Sequence[Any] | None = None
     #: Parsed by the standard library because orjson refused it (NaN, surrogates, a BOM):
     #: message identities then come from the standard library too (see :func:`message_key`).
     lenient: bool = False
@@ -93,6 +95,11 @@ class Parsed:
     @property
     def ok(self) -> bool:
         return self.count is not None
+
+    def whole(self) -> Parsed:
+        """This parse with its document and messages as Python values: itself, but for
+        the daemon's ``glance.Glance``, which built neither and parses in full here."""
+        return self
 
 
 def messages_of(doc: Any, spec: CountSpec) -> list[Any] | str:
@@ -132,7 +139,7 @@ def _loads(data: bytes) -> tuple[Any, bool]:
         return orjson.loads(data), False
     except orjson.JSONDecodeError as exc:
         try:
-            text = (data[len(_BOM):] if data.startswith(_BOM) else data).decode("utf-8")
+            text = (data[len(BOM):] if data.startswith(BOM) else data).decode("utf-8")
             return json.loads(text), True
         except (ValueError, RecursionError):
             raise ValueError(str(exc)) from None

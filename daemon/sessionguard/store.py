@@ -201,9 +201,12 @@ class Store:
             ident = Identity.of(old)
             lost, reason = bool(ident and new is not None and replaced(ident, new)), "replaced"
         else:
+            new = new.whole() if new is not None else None  # compares whole message lists
             lost, reason = new is not None and overtaken(old, new), "replaced"
         if not lost:
             return False, reason, ""
+        # the class and the intent keys read the whole document (the daemon's is a glance)
+        new = new.whole() if new is not None else None
         try:
             cls = classify(old, new) if reason != "replaced" else "replaced"
             if new is not None and new.ok and intent_changed(old.doc, new.doc, intent_keys):

@@ -145,6 +145,9 @@ fi
 # unstripped-binary-or-object), 10x their stripped size.
 rm -f "$VENV"/lib/python3.11/site-packages/zstandard/_cffi.*.so \
     "$VENV"/lib/python3.11/site-packages/zstandard/backend_cffi.py
+# pysimdjson's wheel carries the C++ and Cython sources it was built from (7 MB),
+# never read at run time.
+rm -f "$SITE"/simdjson/*.cpp "$SITE"/simdjson/*.h "$SITE"/simdjson/*.pyx "$SITE"/simdjson/*.pxd
 find "$VENV" -type f -name '*.so*' -exec strip --strip-unneeded {} +
 unwanted=$(cd "$VENV" && find . \( -name __pycache__ -o -name '*.pyc' -o -name 'activate*' -o -name 'pip' \
     -o -name 'setuptools' -o -name 'pkg_resources' -o -name '_distutils_hack' -o -name watchmedo \) -print)
