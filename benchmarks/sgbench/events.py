@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from sessionguard.count import CountSpec, parse
+from sessionguard.glance import glance
 from sessionguard.rules import Identity, replaced
 
 from .common import (
@@ -141,14 +142,16 @@ def _floor(paths: list[str], writes: int) -> float:
 
 
 def _check_cost(paths: list[str], docsets: list[Docs], load: Load) -> dict[str, Any]:
-    """CPU µs of the content-aware check per evaluation, on the documents the writer left:
-    the new pin's identity (``Identity.of``) and the test against the pin before the
-    write (``replaced``, which for an append compares both keys, given the first one as
-    the daemon gives it: three message keys hashed per write)."""
+    """CPU µs of the content-aware check per evaluation, on the documents the writer left
+    as the daemon reads them (``glance``: each message the check reads is made a Python
+    value then, and that is timed too): the new pin's identity (``Identity.of``) and the
+    test against the pin before the write (``replaced``, which for an append compares
+    both keys, given the first one as the daemon gives it: three message keys hashed per
+    write)."""
     spec = CountSpec.parse("messages")
     cases = []
     for j, p in enumerate(paths):
-        new = parse(Path(p).read_bytes(), spec)
+        new = glance(Path(p).read_bytes(), spec)
         assert new.count is not None
         before = parse(orjson.dumps(docsets[j](new.count - 1), option=orjson.OPT_INDENT_2), spec)
         pinned = Identity.of(before)

@@ -7,7 +7,7 @@ the pin's last: :mod:`rules`). orjson builds a Python object for every message
 and string — for a 1,000-message, 450 KB session about two thirds of the
 daemon's parse, all of it dropped unread. simdjson validates the whole document
 into its own tape and makes a message a Python value only when it is read
-(BENCHMARKS.md: about a third of orjson's CPU on such a file).
+(under half of orjson's CPU on such a file, BENCHMARKS.md).
 
 It must never read a session differently than :func:`count.parse`, which is
 what the library, the store and recovery use, or the two would count and hash
