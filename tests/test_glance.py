@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sessionguard.count import CountSpec, Parsed, parse
-from sessionguard.glance import Glance, glance
+from sessionguard.glance import GLANCE_MIN_BYTES, Glance, glance, parse_for_rules
 from sessionguard.rules import Identity, replaced
 from sghelpers import make_session
 
@@ -98,6 +98,14 @@ def test_a_session_is_glanced_not_built() -> None:
 )
 def test_glance_reads_what_parse_reads(data: bytes, spec: CountSpec) -> None:
     same_reading(data, spec)
+
+
+def test_the_event_path_glances_only_where_building_costs_more() -> None:
+    small, large = (orjson.dumps(make_session(n), option=orjson.OPT_INDENT_2) for n in (5, 40))
+    assert len(small) < GLANCE_MIN_BYTES <= len(large)
+    assert not isinstance(parse_for_rules(small, KEY), Glance)  # built whole: its messages are ready to hash
+    assert isinstance(parse_for_rules(large, KEY), Glance)
+    assert parse_for_rules(large, KEY).count == 40
 
 
 def test_jsonl_is_parsed_as_it_always_was() -> None:

@@ -27,8 +27,9 @@ def data(n: int, sid: str = SID, **extra: object) -> bytes:
 
 
 def other(n: int) -> bytes:
-    """Another conversation of *n* messages."""
-    return orjson.dumps({"messages": [{"role": "user", "content": f"elsewhere {i}"} for i in range(n)]})
+    """Another conversation of *n* messages (~400 bytes each, as make_session's)."""
+    return orjson.dumps({"messages": [{"role": "user", "content": f"elsewhere {i}: " + "consectetur adipiscing " * 16}
+                                      for i in range(n)]})
 
 
 def streamed(n: int) -> bytes:
@@ -93,27 +94,30 @@ def env(sdir: Path) -> Iterator[Env]:
 
 # -- one event, one decision -------------------------------------------------------------------
 
+@pytest.mark.parametrize("n", [5, 40], ids=["small: parsed", "large: glanced"])  # ~2.5 KB; ~18 KB
 @pytest.mark.parametrize(
     "after, outcome, kept",
     [
-        (data(5), "unchanged", None),  # the same file: not even read
-        (data(6), "grew", None),
-        (data(5, title="renamed"), "same", None),
-        (streamed(5), "same", None),  # a streaming rewrite of the last message
-        (data(2), "shrunk", ("shrink", "truncate")),
-        (data(0), "shrunk", ("shrink", "wipe")),
-        (b'{"messages": [', "unparseable", ("unparseable", "unparseable")),
-        (other(5), "same", ("replaced", "replaced")),  # another conversation, as long
-        (other(9), "grew", ("replaced", "replaced")),  # another conversation, longer
-        (data(2, intentional_shrink_generation="u2"), "shrunk", ("intended", "truncate")),
+        (data, "unchanged", None),  # the same file: not even read
+        (lambda n: data(n + 1), "grew", None),
+        (lambda n: data(n, title="renamed"), "same", None),
+        (streamed, "same", None),  # a streaming rewrite of the last message
+        (lambda n: data(n // 2), "shrunk", ("shrink", "truncate")),
+        (lambda n: data(0), "shrunk", ("shrink", "wipe")),
+        (lambda n: b'{"messages": [', "unparseable", ("unparseable", "unparseable")),
+        (other, "same", ("replaced", "replaced")),  # another conversation, as long
+        (lambda n: other(n + 4), "grew", ("replaced", "replaced")),  # another conversation, longer
+        (lambda n: data(n // 2, intentional_shrink_generation="u2"), "shrunk", ("intended", "truncate")),
     ],
 )
-def test_decisions(env: Env, after: bytes, outcome: str, kept: tuple[str, str] | None) -> None:
+def test_decisions(env: Env, after: Callable[[int], bytes], outcome: str, kept: tuple[str, str] | None,
+                   n: int) -> None:
     live = env.sdir / f"{SID}.json"
-    put(live, data(5, intentional_shrink_generation="u1") if b"u2" in after else data(5))
+    new = after(n)
+    put(live, data(n, intentional_shrink_generation="u1") if b"u2" in new else data(n))
     assert env.ev() == "new"
-    if after != data(5):
-        put(live, after)
+    if new != data(n):
+        put(live, new)
     assert env.ev() == outcome
     vs = env.versions()
     shrunk = env.log.named("session.shrunk")
@@ -121,10 +125,10 @@ def test_decisions(env: Env, after: bytes, outcome: str, kept: tuple[str, str] |
         assert vs == [] and shrunk == []
         return
     reason, cls = kept
-    assert [(v.count, v.reason, v.source) for v in vs] == [(5, reason, "daemon")]
-    assert [(s["reason"], s["class"], s["before"]) for s in shrunk] == [(reason, cls, 5)]
+    assert [(v.count, v.reason, v.source) for v in vs] == [(n, reason, "daemon")]
+    assert [(s["reason"], s["class"], s["before"]) for s in shrunk] == [(reason, cls, n)]
     assert env.log.levels("session.shrunk") == ["info" if reason == "intended" else "warning"]
-    assert env.store.read_pin(SID)[0] == after  # the pin moved on after the version was kept
+    assert env.store.read_pin(SID)[0] == new  # the pin moved on after the version was kept
     assert env.ev() == "unchanged"
 
 

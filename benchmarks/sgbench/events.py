@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from sessionguard.count import CountSpec, parse
-from sessionguard.glance import glance
+from sessionguard.glance import parse_for_rules
 from sessionguard.rules import Identity, replaced
 
 from .common import (
@@ -143,15 +143,15 @@ def _floor(paths: list[str], writes: int) -> float:
 
 def _check_cost(paths: list[str], docsets: list[Docs], load: Load) -> dict[str, Any]:
     """CPU µs of the content-aware check per evaluation, on the documents the writer left
-    as the daemon reads them (``glance``: each message the check reads is made a Python
-    value then, and that is timed too): the new pin's identity (``Identity.of``) and the
+    as the daemon parses them (``parse_for_rules``: on a glance, each message the check
+    reads is made a Python value then, and that is timed too): the new pin's identity (``Identity.of``) and the
     test against the pin before the write (``replaced``, which for an append compares
     both keys, given the first one as the daemon gives it: three message keys hashed per
     write)."""
     spec = CountSpec.parse("messages")
     cases = []
     for j, p in enumerate(paths):
-        new = glance(Path(p).read_bytes(), spec)
+        new = parse_for_rules(Path(p).read_bytes(), spec)
         assert new.count is not None
         before = parse(orjson.dumps(docsets[j](new.count - 1), option=orjson.OPT_INDENT_2), spec)
         pinned = Identity.of(before)

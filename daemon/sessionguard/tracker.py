@@ -24,7 +24,7 @@ from typing import Any
 from . import fsutil
 from .count import Parsed, stat_hash
 from .errors import FileTooLarge, SessionLocked, StoreError, UnsafeSessionFile
-from .glance import glance
+from .glance import parse_for_rules
 from .pins import Pins, compress
 from .rules import Identity, is_loss, replaced
 from .stats import Overwritten, Stats
@@ -197,7 +197,7 @@ class Tracker:
             except FileTooLarge:
                 return self._too_large(case, st, tracked)
             ws.skipped.pop(case.rel, None)
-            new = glance(data, ws.spec)
+            new = parse_for_rules(data, ws.spec)
             prior = tracked if tracked is not None or case.pinless else self._prior(case, data, new)
             if tracked is None and prior is not None and prior.pin:  # the pin holds these very bytes
                 ws.files[case.sid] = Tracked(stat_hash(st), prior.count, prior.first, prior.prev, prior.pin)
@@ -238,7 +238,7 @@ class Tracker:
             return None
         if pinned[0] == live:  # its message keys are left to the first write that needs them (_capture_if_lost)
             return Tracked(0, new.count, pin=pin_key(pinned[1]))
-        old = glance(pinned[0], case.ws.spec)
+        old = parse_for_rules(pinned[0], case.ws.spec)
         ident = Identity.of(old)
         return Tracked(0, old.count, ident.first if ident else 0, ident.prev if ident else 0)
 
@@ -384,7 +384,8 @@ def pin_new(ws: WatchState, parts: tuple[str, ...], sid: str) -> Tracked | None:
                         return None
                     data = fsutil.read_fd(fd, st, ws.cfg.max_file_bytes, "/".join(parts))
                     live = _Live(dir_fd, parts[-1], fd, st, data)
-                    pst, new, _ = _write_pin(ws, store.pins, sid, live, glance(data, ws.spec), ident=None, fresh=True)
+                    pst, new, _ = _write_pin(ws, store.pins, sid, live, parse_for_rules(data, ws.spec), ident=None,
+                                             fresh=True)
                 finally:
                     os.close(fd)
             finally:
@@ -415,7 +416,7 @@ def _write_pin(ws: WatchState, pins: Pins, sid: str, live: _Live, new: Parsed, *
     if cloned is None:
         return pins.write(sid, live.data, fresh=fresh, spare=True), new, ident
     if cloned[0] != live.data:  # an in-place writer moved on: describe what is pinned
-        new = glance(cloned[0], ws.spec)
+        new = parse_for_rules(cloned[0], ws.spec)
         ident = None if ident is None else Identity.of(new)
     return cloned[1], new, ident
 
