@@ -1,7 +1,8 @@
 """The event path's glance reads every session exactly as the full parse does.
 
-The daemon counts and hashes what it pins with :func:`glance.glance`; the store,
-the library and recovery with :func:`count.parse`. Any difference would make the
+The daemon counts and hashes a write of 8 KB or more with :func:`glance.glance`
+(:func:`glance.parse_for_rules`); the store, the library and recovery with
+:func:`count.parse`. Any difference would make the
 two disagree about the same bytes (a replaced conversation missed, or a version
 kept for nothing), so every answer is compared with the full parse's.
 """
