@@ -144,10 +144,10 @@ def _floor(paths: list[str], writes: int) -> float:
 def _check_cost(paths: list[str], docsets: list[Docs], load: Load) -> dict[str, Any]:
     """CPU µs of the content-aware check per evaluation, on the documents the writer left
     as the daemon parses them (``parse_for_rules``: on a glance, each message the check
-    reads is made a Python value then, and that is timed too): the new pin's identity (``Identity.of``) and the
-    test against the pin before the write (``replaced``, which for an append compares
-    both keys, given the first one as the daemon gives it: three message keys hashed per
-    write)."""
+    reads is made a Python value then, and that is timed too): the new pin's identity
+    (``Identity.of``) and the test against the pin before the write (``replaced``, which
+    for an append compares both keys, given the first one as the daemon gives it: three
+    message keys hashed per write)."""
     spec = CountSpec.parse("messages")
     cases = []
     for j, p in enumerate(paths):
