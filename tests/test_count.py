@@ -43,6 +43,17 @@ def test_pointer_and_jsonl() -> None:
         CountSpec.parse("")
 
 
+@pytest.mark.parametrize("index", ["²", "\u0663", "\uff11"])  # superscript two, Arabic-Indic three, fullwidth one
+def test_a_pointer_indexes_an_array_with_ascii_digits_only(index: str) -> None:
+    """RFC 6901 array indexes are ASCII digits. ``str.isdigit`` says yes to "²" (which
+    ``int`` then refuses: parse raised) and to other scripts' digits (which ``int`` reads:
+    a count from the wrong place). Neither resolves on an array; on an object it is a key."""
+    spec = CountSpec.parse(f"/data/{index}/turns")
+    listed = parse(b'{"data": [' + b", ".join(b'{"turns": [%d]}' % i for i in range(5)) + b"]}", spec)
+    assert listed.count is None and listed.error == f"{spec} does not resolve"
+    assert parse(f'{{"data": {{"{index}": {{"turns": [1, 2]}}}}}}'.encode(), spec).count == 2
+
+
 def test_classify() -> None:
     old = parse(b'{"messages": [1, 2, 3]}', KEY)
     assert classify(old, parse(b'{"messages": []}', KEY)) == "wipe"

@@ -87,6 +87,8 @@ def test_a_session_is_glanced_not_built() -> None:
         (b'{"data": [{"turns": 5}]}', POINTER),
         (b'{"data": []}', POINTER),
         (b'{"data": [{"other": 1}]}', POINTER),
+        (b'{"data": [{"turns": [1]}, {"turns": [1, 2]}, {"turns": []}]}', CountSpec.parse("/data/\u00b2/turns")),
+        (b'{"data": [{"turns": [1]}, {"turns": [1, 2]}, {"turns": []}]}', CountSpec.parse("/data/\u0661/turns")),
         # the depth both parsers stop at
         (b'{"messages": [' + b"[" * 1022 + b"]" * 1022 + b"]}", KEY),
         (b'{"messages": [' + b"[" * 1023 + b"]" * 1023 + b"]}", KEY),

@@ -477,3 +477,33 @@ def test_a_stop_during_the_first_scan_ends_it_and_the_next_start_finishes_the_jo
     kept = eventually(lambda: store_versions(sdir / ".sessionguard", last), what="the wiped session's version")
     assert kept[0].count == 3
     assert d2.stop() == 0, d2.text()
+
+
+@pytest.mark.parametrize("usec, pid, expected", [
+    ("2000000", None, 2.0), ("2000000", "self", 2.0), ("0", None, None), ("", None, None),
+    ("2000000", "1", None),  # another process's watchdog
+    ("2000000", "abc", None), ("2000000", "\u00b2", None),  # no pid at all: sd_watchdog_enabled says no
+    ("\u00b2", None, None), ("\u0663", None, None),  # not ASCII digits ("²".isdigit(); int() raised)
+])
+def test_the_watchdog_settings_are_read_as_sd_watchdog_enabled_reads_them(
+        monkeypatch: pytest.MonkeyPatch, usec: str, pid: str | None, expected: float | None) -> None:
+    from sessionguard.systemd import watchdog_interval
+
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
+    if pid is None:
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    else:
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()) if pid == "self" else pid)
+    assert watchdog_interval() == expected
+
+
+@pytest.mark.parametrize("stream", ["\u00b2:1", "1:\u0663", "x:1", "1", ""])
+def test_a_journal_stream_that_is_not_two_numbers_is_not_the_journal(monkeypatch: pytest.MonkeyPatch,
+                                                                      stream: str) -> None:
+    from sessionguard.log import stderr_is_journal
+
+    monkeypatch.setenv("JOURNAL_STREAM", stream)
+    assert stderr_is_journal() is False
+    st = os.fstat(sys.stderr.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    assert stderr_is_journal() is True

@@ -116,7 +116,7 @@ def messages_of(doc: Any, spec: CountSpec) -> list[Any] | str:
             if part not in node:
                 return []
             node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        elif isinstance(node, list) and part.isascii() and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
             return f"{spec} does not resolve"

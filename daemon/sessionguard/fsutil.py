@@ -181,12 +181,14 @@ os.register_at_fork(after_in_child=_Pid.refresh)
 
 
 def tmp_owner_pid(name: str) -> int | None:
-    """The pid embedded in a temporary name made by :func:`tmp_name`, if any."""
+    """The pid embedded in a temporary name made by :func:`tmp_name`, if any. The names
+    come from the session directory: ASCII digits only (``str.isdigit`` also takes "²",
+    which ``int`` refuses, and other scripts' digits, which no tmp name of ours holds)."""
     _, sep, rest = name.partition(TMP_MARK)
     if not sep:
         return None
     pid, _, _ = rest.partition("-")
-    return int(pid) if pid.isdigit() else None
+    return int(pid) if pid.isascii() and pid.isdigit() else None
 
 
 def fsync_dir(dir_fd: int) -> None:

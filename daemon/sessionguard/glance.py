@@ -54,7 +54,7 @@ def glance(data: bytes, spec: CountSpec) -> Parsed:
         for part in spec.path:
             if isinstance(node, simdjson.Object) and part in node and len(set(node)) == len(node):
                 node = node[part]
-            elif isinstance(node, simdjson.Array) and part.isdigit() and int(part) < len(node):
+            elif isinstance(node, simdjson.Array) and part.isascii() and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
             else:
                 return parse(data, spec)  # missing, a duplicate key, not a container: parse's words for it

@@ -30,7 +30,7 @@ def stderr_is_journal() -> bool:
     """True when systemd connected stderr to the journal (``JOURNAL_STREAM=dev:ino``)."""
     stream = os.environ.get("JOURNAL_STREAM", "")
     dev, _, ino = stream.partition(":")
-    if not (dev.isdigit() and ino.isdigit()):
+    if not (dev.isascii() and dev.isdigit() and ino.isascii() and ino.isdigit()):
         return False
     try:
         st = os.fstat(sys.stderr.fileno())

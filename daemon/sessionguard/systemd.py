@@ -68,12 +68,14 @@ def notify(*states: str) -> bool:
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between required WATCHDOG=1 pings, or None when systemd's watchdog is off."""
+    """Seconds between required WATCHDOG=1 pings, or None when systemd's watchdog is off:
+    as ``sd_watchdog_enabled``, also when ``WATCHDOG_PID`` names another process or no
+    number at all. Numbers are ASCII digits ("²".isdigit(), and int() refuses it)."""
     usec = os.environ.get("WATCHDOG_USEC", "")
     pid = os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
+    if not (usec.isascii() and usec.isdigit()) or int(usec) == 0:
         return None
-    if pid and pid.isdigit() and int(pid) != os.getpid():
+    if pid and not (pid.isascii() and pid.isdigit() and int(pid) == os.getpid()):
         return None
     return int(usec) / 1e6
 
