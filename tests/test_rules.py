@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from sessionguard import count as count_mod
-from sessionguard.count import CountSpec, Parsed, decoded_messages, message_key, parse
+from sessionguard.count import CountSpec, Parsed, decoded_messages, diff, message_key, parse
 from sessionguard.naming import Version
 from sessionguard.rules import (
     Identity,
@@ -247,6 +247,33 @@ def test_non_finite_numbers_are_part_of_a_message_identity() -> None:
     keys = {message_key(m, lenient=True) for m in [*parsed.messages, {"v": None}]}
     assert len(keys) == 4
     assert not parse(b'{"messages": [{"v": null}]}', KEY).lenient, "orjson-valid files keep the fast path"
+
+
+def test_message_keys_are_the_values_pins_cache_holds() -> None:
+    """Message keys outlive the process (``pins.cache`` keeps them across restarts, scan
+    children compute them too): the same message keys alike everywhere, whatever order
+    its writer gave its keys. A change that moves these values costs every session a pin
+    read at its first write after the upgrade (``test_a_cache_with_message_keys_of_the_
+    hash_before_costs_reads_not_versions``): make it on purpose, not by accident."""
+    assert message_key({"role": "user", "content": "héllo"}) == 146924004021
+    assert message_key({"content": "héllo", "role": "user"}) == 146924004021  # key order is the writer's
+    assert message_key(b'  {"a": 1}\n') == 38581407383  # a JSONL line, as read
+    assert message_key({"v": float("nan")}, lenient=True) == 44653209154
+    assert message_key({"v": None}) == 43118144185
+
+
+def test_the_message_diff_compares_content_not_keys() -> None:
+    """An admin's diff counts duplicates, ignores key order, keeps NaN apart from null, and
+    tells apart two messages whose keys collide (a pair of one length and one CRC-32, found
+    by search: the key's documented once-in-2**32 chance)."""
+    a, b = {"content": "NqLqaUORi0BD"}, {"content": "trmmxHpkSCs6"}
+    assert message_key(a) == message_key(b)
+    assert diff([a], [b]).missing == [(0, a)]
+    version = [{"r": "u", "c": "hi"}, {"r": "u", "c": "hi"}, {"v": float("nan")}, {"c": "gone"}]
+    live = [{"c": "hi", "r": "u"}, {"v": None}, {"c": "new"}]
+    result = diff(version, live)
+    assert result.missing == [(1, version[1]), (2, version[2]), (3, version[3])]
+    assert result.added_count == 2
 
 
 def test_lone_surrogate_messages_have_distinct_stable_keys() -> None:

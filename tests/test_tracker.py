@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -10,8 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sessionguard import fsutil, passes
+from sessionguard import fsutil, hint, passes
 from sessionguard.config import WatchConfig
+from sessionguard.count import message_key
 from sessionguard.naming import Version
 from sessionguard.stats import Stats
 from sessionguard.store import Store
@@ -407,6 +409,58 @@ def test_a_damaged_cache_is_no_hint_and_a_whole_one_round_trips(sdir: Path) -> N
         for damaged in (whole[:-1], whole[:len(whole) // 2], whole + b"x\0", b"SGPC" + whole[4:20], b"\0" * 64, b""):
             path.write_bytes(damaged)
             assert len(env.store.pins.load_cache(env.ws.cache_settings())) == 0, damaged[:40]
+    finally:
+        env.close()
+
+
+def test_a_cache_with_message_keys_of_the_hash_before_costs_reads_not_versions(
+        sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pins.cache from before message keys became CRC-based holds blake2b keys, which match
+    no message now. A restart still believes its identities (no file read); each session's
+    first write then finds the keys differ and has the store read its pin and judge on keys
+    of its own: a streaming rewrite keeps nothing, another conversation as long is kept as
+    "replaced", and the pins written next carry the new keys."""
+    sids = ("aaa111", "bbb222")
+    for sid in sids:
+        put(sdir / f"{sid}.json", data(5, sid))
+    first = Env(sdir)
+    passes.scan(first.tracker, first.ws, find_orphans=True)
+    for sid in sids:  # a write each: the pins now have message keys
+        put(sdir / f"{sid}.json", data(6, sid))
+        assert first.ev(f"{sid}.json") == "grew"
+    settings = first.ws.cache_settings()
+    entries = passes.cache_entries(first.ws)
+    first.close()
+
+    def blake(message: object) -> int:  # message_key before the CRC
+        raw = orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
+        return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+    before = {}
+    for sid, (key, count, first_key, prev, pin) in entries.items():
+        msgs = make_session(6, sid)["messages"]
+        assert (count, first_key, prev) == (6, message_key(msgs[0]), message_key(msgs[4]))
+        before[sid] = (key, count, blake(msgs[0]), blake(msgs[4]), pin)
+    (sdir / ".sessionguard" / "pins.cache").write_bytes(hint.encode(before, settings))
+    env = Env(sdir)
+    try:
+        cache = env.store.pins.load_cache(env.ws.cache_settings())
+        assert {sid: cache.get(sid) for sid in cache} == before
+        assert passes.scan(env.tracker, env.ws, cache).get("unchanged") == 2
+        opened: list[str] = []
+        real_open = env.store.pins.open
+        monkeypatch.setattr(env.store.pins, "open", lambda sid: opened.append(sid) or real_open(sid))
+        doc = make_session(6, "bbb222")
+        doc["messages"][-1]["content"] += " and more tokens"
+        put(sdir / "bbb222.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        assert env.ev("bbb222.json") == "same"
+        assert env.versions("bbb222") == [] and opened == ["bbb222"]
+        put(sdir / "aaa111.json", other(6))
+        assert env.ev("aaa111.json") == "same"
+        assert [(v.count, v.reason) for v in env.versions("aaa111")] == [(6, "replaced")]
+        for sid in sids:
+            tracked = env.ws.files.tracked(sid)
+            assert tracked is not None and tracked.first == message_key(orjson.loads(
+                (sdir / f"{sid}.json").read_bytes())["messages"][0])
     finally:
         env.close()
 

@@ -5,6 +5,11 @@ It is a hint for a fast restart (an unchanged live file is not re-read), never
 proof: a wrong entry costs a read, not a version. Written by :meth:`Pins.save_cache
 <sessionguard.pins.Pins.save_cache>` after a ``syncfs``, removed while the daemon
 runs.
+
+A message key that does not match makes the next write read its pin, which the
+store judges on keys it computes itself: so a cache written before message keys
+became CRC-based (blake2b, same version) is read as it is, and each session's
+first write after the upgrade reads its pin once, as one from a scan does.
 """
 
 from __future__ import annotations
