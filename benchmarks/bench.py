@@ -27,6 +27,7 @@ from typing import Any
 from sgbench import (
     embed,
     events,
+    interference,
     latency,
     olddaemon,
     perfrec,
@@ -47,7 +48,7 @@ BUILDERS: list[tuple[str, Callable[[Any], Table]]] = [
     ("embed", tables.embed), ("events", tables.events), ("latency", tables.latency), ("startup", tables.startup),
     ("scale", tables.scale), ("zstd", tables.zstd), ("write_amp", tables.write_amp),
     ("write_amp_xfs", tables.write_amp), ("profile", tables.profile), ("perf", tables.perf),
-    ("pinpath", tables.pinpath),
+    ("pinpath", tables.pinpath), ("interference", tables.interference),
 ]
 
 Plan = dict[str, Callable[[Path], dict[str, Any]]]
@@ -86,6 +87,7 @@ def plan(quick: bool, scale: int | None) -> Plan:
         "pinpath": lambda w: pinpath.bench_pinpath(w, 50 if q else 300),
     }
     p["scale"] = lambda w: startup.bench_scale(w, scale or 1_000_000)
+    p["interference"] = lambda w: interference.bench_interference(w, 2 if q else 8, 1000 if q else 5000)
     return p
 
 
@@ -155,8 +157,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="benchmarks/run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run (a few minutes; not for BENCHMARKS.md)")
-    ap.add_argument("--only", action="append", choices=(*SECTIONS, "scale"),
-                    help="run only these sections (repeatable); with --table-only, print only their tables")
+    ap.add_argument("--only", action="append", choices=(*SECTIONS, "scale", "interference"),
+                    help="run only these sections (repeatable; interference, about 7 minutes, runs only when named); "
+                         "with --table-only, print only their tables")
     ap.add_argument("--scale", nargs="?", type=int, const=1_000_000, metavar="N",
                     help="the scale run alone (default N: 1,000,000 sessions; fewer if the disk cannot hold "
                          "them); with --only, those sections too")

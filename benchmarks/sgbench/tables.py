@@ -264,3 +264,19 @@ def pinpath(sections: dict[str, Any]) -> Table:
                   f"{o['cpu_ms_median']:.3f} ms CPU (mean {o['cpu_ms_mean']:.3f})",
                   f"wall {o['wall_ms_median']:.3f} ms")
     return t
+
+
+def interference(s: dict[str, Any]) -> Table:
+    t = Table(f"What slows 2a's small writer: {s['sessions']} sessions, {s['writes']:,} writes a run, "
+              f"{s['rounds']} rounds, each mode once a round (medians; opt-in section)")
+    alone = s["modes"]["alone"]["writes_per_s"]
+    for mode, m in s["modes"].items():
+        if mode == "alone":
+            continue
+        cpu = m.get("daemon_cpu_ms_per_1000_writes")
+        t.add(f"writer rate beside: {mode}", f"{m['writes_per_s']:.0f}/s",
+              f"writer alone {alone:.0f}/s" + ("" if cpu is None else f"; daemon CPU {cpu:.0f} ms per 1,000 writes"),
+              m["median_round_ratio"], "reported")
+    t.note("Ratio: the median over rounds of the rate against the writer alone in the same round "
+           "(ratio of the medians in the results file).")
+    return t
