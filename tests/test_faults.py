@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 
 from daemonproc import DaemonProc, eventually
 from sessionguard import Guard
+from sessionguard.store import FORMAT as STORE_FORMAT
 from sessionguard.versions import content_hash
 from sghelpers import OnDisk, maintenance_passes, make_session, needs_root, pin_count, server_write, store_versions
 
@@ -178,6 +180,45 @@ def test_store_full_at_start_is_reported_once_and_watched_when_space_returns(sdi
     server_write(sdir / f"{SID}.json", make_session(0))
     kept(store, 40)
     assert status(d)["degraded"] == []
+
+
+def test_a_store_from_a_newer_release_is_one_clear_error_not_a_traceback(sdir, daemons) -> None:
+    """After a downgrade the store says a newer release wrote it: the admin gets one
+    line that says so (no traceback, no advice about free space), the store is left as
+    it is, and the directory is watched as soon as the store is one this release reads."""
+    store = sdir / ".sessionguard"
+    store.mkdir(mode=0o700)
+    (store / "FORMAT").write_text("99\n")
+    server_write(sdir / f"{SID}.json", make_session(40))
+    d = daemons("--watch", str(sdir), "--reconcile-interval", "1")
+    ev = d.wait_event("watch.failed")
+    assert ev["level"] == "error" and "newer sessionguard (format 99)" in ev["error"], ev
+    assert "exception" not in ev and "free space" not in ev["hint"], ev
+    assert any("newer sessionguard" in why for why in status(d)["degraded"])
+    assert sorted(p.name for p in store.iterdir()) == ["FORMAT"] and (store / "FORMAT").read_text() == "99\n"
+    (store / "FORMAT").write_text(f"{STORE_FORMAT}\n")
+    d.wait_event("watch.restored")
+    pinned(store, 40)
+    server_write(sdir / f"{SID}.json", make_session(0))
+    kept(store, 40)
+
+
+def test_a_defect_is_logged_with_its_traceback_and_a_hint_to_report_it(sdir, daemons) -> None:
+    """A scan that fails the way a bug would (injected: tests/defect_scan.py) is not blamed
+    on the disk: the traceback is in the log, the hint says to report it, and the retry
+    a second later watches the directory."""
+    server_write(sdir / f"{SID}.json", make_session(40))
+    d = daemons("--watch", str(sdir), "--reconcile-interval", "1",
+                wrap=[sys.executable, str(Path(__file__).with_name("defect_scan.py"))])
+    ev = d.wait_event("watch.failed")
+    (raised,) = ev["exception"]  # structured, as every traceback in the JSON log
+    assert raised["exc_type"] == "RuntimeError" and "injected defect" in raised["exc_value"], ev
+    assert "report it" in ev["hint"] and "free space" not in ev["hint"], ev
+    d.wait_event("watch.restored")
+    store = sdir / ".sessionguard"
+    pinned(store, 40)
+    server_write(sdir / f"{SID}.json", make_session(0))
+    kept(store, 40)
 
 
 @needs_root

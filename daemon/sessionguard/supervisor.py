@@ -197,19 +197,30 @@ class Supervisor:
 
     def _failed(self, ws: WatchState, status: _Status, exc: Exception) -> None:
         """The directory is there but could not be watched or scanned (the store cannot
-        be made: full, read-only…). Logged once per distinct error; retried every second."""
+        be made: full, read-only…, or this release cannot use it). Logged once per
+        distinct error, with a hint for the admin that fits its kind; retried every second.
+
+        Only an error that is neither the system's nor the store's is logged with its
+        traceback: that one is a defect of sessionguard, and the admin's only move is
+        to report it."""
         ws.available = False
         why = (f"{ws.root}: not watched: {exc.strerror or exc} (store {ws.cfg.store_path})"
                if isinstance(exc, OSError) else f"{ws.root}: not watched: {type(exc).__name__}: {exc}")
         if status.failed != why:
             status.failed = why
             self.stats.bump("errors")
-            fields = {"watch": ws.root, "store": ws.cfg.store_path, "error": str(exc),
-                      "hint": "check free space and write access to the store; retried every second"}
+            fields = {"watch": ws.root, "store": ws.cfg.store_path, "error": str(exc)}
             if isinstance(exc, OSError):
-                self.log.error("watch.failed", errno=exc.errno, **fields)
+                self.log.error("watch.failed", errno=exc.errno, **fields,
+                               hint="check free space and write access to the store; retried every second")
+            elif isinstance(exc, StoreError):
+                self.log.error("watch.failed", **fields,
+                               hint="the error says what is wrong with the store (a newer release's, damaged, "
+                                    "not this user's…); retried every second")
             else:
-                self.log.exception("watch.failed", **fields)
+                self.log.exception("watch.failed", **fields,
+                                   hint="a defect in sessionguard, not in this setup: please report it with this "
+                                        "traceback; retried every second")
         self.stats.degrade(f"watch:{ws.root}", why)
 
     def _caveats(self, ws: WatchState) -> None:
