@@ -442,6 +442,15 @@ def test_missing_groups_are_logged_and_disabled(make_server):
     alive(path)  # we are root or the daemon's uid
 
 
+def test_a_group_written_in_other_digits_is_a_missing_group_not_a_gid(make_server):
+    """A group given as a number is a gid only in ASCII digits: "²" made the daemon fail
+    to start (int() refuses it) and "١٢" made the admin group gid 12, somebody else's."""
+    srv, path, rec, _ = make_server(read_group="²", admin_group="١٢")
+    assert srv.access.read_gid is None and srv.access.admin_gid is None
+    assert {e["group"] for e in rec.named("control.group_missing")} == {"²", "١٢"}
+    alive(path)
+
+
 # -- the socket file -----------------------------------------------------------------
 
 

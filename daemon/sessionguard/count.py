@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import orjson
 
+from .naming import ascii_int
+
 #: Files larger than this are not parsed (a 1 GB file must not stall or OOM us).
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 #: A UTF-8 byte-order mark: orjson refuses it, the standard library's parser is given the rest.
@@ -116,8 +118,8 @@ def messages_of(doc: Any, spec: CountSpec) -> list[Any] | str:
             if part not in node:
                 return []
             node = node[part]
-        elif isinstance(node, list) and part.isascii() and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
+        elif isinstance(node, list) and (index := ascii_int(part)) is not None and index < len(node):
+            node = node[index]
         else:
             return f"{spec} does not resolve"
     if not isinstance(node, list):

@@ -30,7 +30,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 from .errors import FileTooLarge, UnsafeSessionFile
-from .naming import Method
+from .naming import Method, ascii_int
 
 #: ``FICLONE`` ioctl number (``_IOW(0x94, 9, int)``); Python 3.11 has no ``fcntl.FICLONE``.
 FICLONE = 0x40049409
@@ -181,14 +181,13 @@ os.register_at_fork(after_in_child=_Pid.refresh)
 
 
 def tmp_owner_pid(name: str) -> int | None:
-    """The pid embedded in a temporary name made by :func:`tmp_name`, if any. The names
-    come from the session directory: ASCII digits only (``str.isdigit`` also takes "²",
-    which ``int`` refuses, and other scripts' digits, which no tmp name of ours holds)."""
+    """The pid embedded in a temporary name made by :func:`tmp_name`, if any (the names
+    come from the session directory: :func:`~.naming.ascii_int`)."""
     _, sep, rest = name.partition(TMP_MARK)
     if not sep:
         return None
     pid, _, _ = rest.partition("-")
-    return int(pid) if pid.isascii() and pid.isdigit() else None
+    return ascii_int(pid)
 
 
 def fsync_dir(dir_fd: int) -> None:

@@ -30,6 +30,7 @@ from typing import Any, overload
 import simdjson
 
 from .count import BOM, CountSpec, Parsed, parse
+from .naming import ascii_int
 
 #: Below this size orjson builds the whole session about as fast as simdjson reads it,
 #: and the three messages the rules hash are then ready: a glance, which makes each
@@ -54,8 +55,8 @@ def glance(data: bytes, spec: CountSpec) -> Parsed:
         for part in spec.path:
             if isinstance(node, simdjson.Object) and part in node and len(set(node)) == len(node):
                 node = node[part]
-            elif isinstance(node, simdjson.Array) and part.isascii() and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
+            elif isinstance(node, simdjson.Array) and (index := ascii_int(part)) is not None and index < len(node):
+                node = node[index]
             else:
                 return parse(data, spec)  # missing, a duplicate key, not a container: parse's words for it
     except (ValueError, RuntimeError):  # refused (UnicodeDecodeError is a ValueError)

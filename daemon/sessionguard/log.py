@@ -23,20 +23,23 @@ import structlog
 from structlog.processors import CallsiteParameter
 from structlog.typing import EventDict, Processor, ProcessorReturnValue
 
+from .naming import ascii_int
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def stderr_is_journal() -> bool:
     """True when systemd connected stderr to the journal (``JOURNAL_STREAM=dev:ino``)."""
     stream = os.environ.get("JOURNAL_STREAM", "")
-    dev, _, ino = stream.partition(":")
-    if not (dev.isascii() and dev.isdigit() and ino.isascii() and ino.isdigit()):
+    dev_text, _, ino_text = stream.partition(":")
+    dev, ino = ascii_int(dev_text), ascii_int(ino_text)
+    if dev is None or ino is None:
         return False
     try:
         st = os.fstat(sys.stderr.fileno())
     except (OSError, ValueError):
         return False
-    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 def resolve_format(fmt: str) -> str:

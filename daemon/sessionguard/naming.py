@@ -24,6 +24,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+
+def ascii_int(text: str) -> int | None:
+    """*text* as a number when it is ASCII digits only, else None.
+
+    Numbers read from outside — a tmp file's pid, a JSON-pointer index, an
+    environment value, a group given as a gid — are ASCII. ``str.isdigit``
+    also says yes to "²" (which ``int`` refuses, so the reader raised) and to
+    other scripts' digits such as "١٢" (which ``int`` reads as 12).
+    """
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 Reason = Literal["shrink", "unparseable", "deleted", "replaced", "intended", "pre-restore"]
 Source = Literal["library", "daemon", "admin"]
 Method = Literal["link", "reflink", "copy"]

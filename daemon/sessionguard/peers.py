@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from .naming import ascii_int
 from .protocol import DENIED, Method, RpcError
 
 #: Linux ``SO_PEERGROUPS`` (4.13+); Python 3.11 has no constant for it.
@@ -134,8 +135,8 @@ def _gid(name: str | None, role: str, log: Any) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        if name.isdigit():
-            return int(name)
+        if (gid := ascii_int(name)) is not None:  # a gid, not a name ("١٢" is neither)
+            return gid
         log.warning("control.group_missing", group=name, role=role,
                     note=f"no such group: the {role} group rule is disabled")
         return None

@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from .log import printable
+from .naming import ascii_int
 
 #: Events an operator alerts on get a stable journald MESSAGE_ID (journalctl MESSAGE_ID=…).
 MESSAGE_IDS = {
@@ -70,14 +71,14 @@ def notify(*states: str) -> bool:
 def watchdog_interval() -> float | None:
     """Seconds between required WATCHDOG=1 pings, or None when systemd's watchdog is off:
     as ``sd_watchdog_enabled``, also when ``WATCHDOG_PID`` names another process or no
-    number at all. Numbers are ASCII digits ("²".isdigit(), and int() refuses it)."""
-    usec = os.environ.get("WATCHDOG_USEC", "")
+    number at all (:func:`~.naming.ascii_int`)."""
+    usec = ascii_int(os.environ.get("WATCHDOG_USEC", ""))
     pid = os.environ.get("WATCHDOG_PID", "")
-    if not (usec.isascii() and usec.isdigit()) or int(usec) == 0:
+    if not usec:
         return None
-    if pid and not (pid.isascii() and pid.isdigit() and int(pid) == os.getpid()):
+    if pid and ascii_int(pid) != os.getpid():
         return None
-    return int(usec) / 1e6
+    return usec / 1e6
 
 
 def activated_socket(name: str = "control") -> socket.socket | None:
