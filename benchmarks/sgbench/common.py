@@ -259,11 +259,13 @@ class Notify:
             pass
 
 
-def start_daemon(work: Path, watch: str, extra: list[str] | None = None, *, env: dict[str, str] | None = None,
-                 timeout: float = 120) -> DaemonProc:
+def start_daemon(work: Path, watch: str | None, extra: list[str] | None = None, *, env: dict[str, str] | None = None,
+                 wrap: list[str] | None = None, timeout: float = 120) -> DaemonProc:
     """The real sessionguardd, reconciliation pushed out to an hour so a periodic stat
-    pass does not land inside a measurement; everything else is the default."""
-    d = DaemonProc(work, ["--watch", watch, "--reconcile-interval", "3600", *(extra or [])], env=env)
+    pass does not land inside a measurement; everything else is the default. *watch*
+    None: the watches come from *extra* (``--config``); *wrap* as for DaemonProc."""
+    args = [*(["--watch", watch] if watch is not None else []), "--reconcile-interval", "3600", *(extra or [])]
+    d = DaemonProc(work, args, env=env, wrap=wrap)
     try:
         d.wait_event("daemon.started", timeout=timeout)
     except BaseException:

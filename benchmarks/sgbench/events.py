@@ -70,14 +70,7 @@ def _daemon(work: Path, watch: Path, mode: str, old_env: dict[str, str] | None) 
     if mode == "old":
         return start_daemon(work, str(watch), env=old_env)
     if mode == "nocheck":
-        d = DaemonProc(work, ["--watch", str(watch), "--reconcile-interval", "3600"],
-                       wrap=[sys.executable, str(NOCHECK)])
-        try:
-            d.wait_event("daemon.started", timeout=120)
-        except BaseException:
-            d.kill()
-            raise
-        return d
+        return start_daemon(work, str(watch), wrap=[sys.executable, str(NOCHECK)])
     return start_daemon(work, str(watch))
 
 

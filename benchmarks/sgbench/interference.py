@@ -92,14 +92,8 @@ def _start(mode: str, d: Path, work: Path) -> tuple[DaemonProc | None, subproces
         return start_daemon(work, str(d)), None
     if mode.startswith("daemon"):  # its store on tmpfs: only a config file says where a store goes
         cfg = work / "interference.toml"
-        cfg.write_text(f'[daemon]\nreconcile_interval = 3600\n[[watch]]\npath = "{d}"\nstore = "{tmpfs_store}"\n')
-        daemon = DaemonProc(work, ["--config", str(cfg)])
-        try:
-            daemon.wait_event("daemon.started", timeout=120)
-        except BaseException:
-            daemon.kill()
-            raise
-        return daemon, None
+        cfg.write_text(f'[[watch]]\npath = "{d}"\nstore = "{tmpfs_store}"\n')
+        return start_daemon(work, None, ["--config", str(cfg)]), None
     if mode.startswith("CPU"):
         duty = "1" if "whole" in mode else "0.37"
         child = subprocess.Popen([sys.executable, "-c", _BURN, duty])
