@@ -11,7 +11,9 @@ so the files land in the same place on disk). Against the writer alone:
 * a *mimic* of the daemon's file work: the 20 ms reader, then for every
   session renamed in, open + read it and write it over a spare in a store
   folder and swap the two (``RENAME_EXCHANGE``), as copy pins are written;
-  with that folder beside the sessions (same filesystem) and on tmpfs;
+  with that folder beside the sessions (same filesystem) and on tmpfs; and
+  the same bytes written in place over the pin, with no spare and no rename
+  (not crash-safe: the control that isolates the cost of the swap);
 * a process burning 37% of a CPU (about the daemon's share at the writer's
   rate) or all of one, touching no file.
 
@@ -40,11 +42,13 @@ _IN_MOVED_TO = 0x80
 _SHM = Path("/dev/shm")
 MODES = ("alone", "daemon", "daemon, store on tmpfs", "inotify reader, woken by every event",
          "inotify reader, every 20 ms", "mimic: read + pin by exchange, store beside",
-         "mimic: read + pin by exchange, store on tmpfs", "CPU burner, 37% of a CPU", "CPU burner, a whole CPU")
+         "mimic: read + pin by exchange, store on tmpfs", "mimic: read + write in place, no rename, store beside",
+         "CPU burner, 37% of a CPU", "CPU burner, a whole CPU")
 
 
-def watcher(directory: str, pause: float, store: str | None) -> None:
-    """The bare reader (and, with *store*, the mimic), run as a child: ``python -m sgbench.interference``."""
+def watcher(directory: str, pause: float, store: str | None, in_place: bool) -> None:
+    """The bare reader (and, with *store*, the mimic; *in_place*: no spare, no swap), run as
+    a child: ``python -m sgbench.interference``."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     fd = libc.inotify_init1(os.O_CLOEXEC)
     if fd < 0 or libc.inotify_add_watch(fd, directory.encode(), _MASK) < 0:
@@ -71,12 +75,12 @@ def watcher(directory: str, pause: float, store: str | None) -> None:
             src = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
             data = os.pread(src, os.fstat(src).st_size + 1, 0)
             os.close(src)
-            spare = b"." + name + b".spare"
+            spare = name if in_place else b"." + name + b".spare"
             out = os.open(spare, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=store_fd)
             os.pwrite(out, data, 0)
             os.ftruncate(out, len(data))
             os.close(out)
-            if libc.renameat2(store_fd, spare, store_fd, name, 2) != 0:  # RENAME_EXCHANGE; no pin yet
+            if not in_place and libc.renameat2(store_fd, spare, store_fd, name, 2) != 0:  # RENAME_EXCHANGE; no pin yet
                 os.rename(spare, name, src_dir_fd=store_fd, dst_dir_fd=store_fd)
 
 
@@ -101,6 +105,8 @@ def _start(mode: str, d: Path, work: Path) -> tuple[DaemonProc | None, subproces
         return None, child
     pause = "0" if "every event" in mode else "0.02"
     store = [] if mode.startswith("inotify") else [str(tmpfs_store if "tmpfs" in mode else d / ".mimic")]
+    if "in place" in mode:
+        store.append("in-place")
     path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     child = subprocess.Popen([sys.executable, "-m", "sgbench.interference", str(d), pause, *store],
                              stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
@@ -165,4 +171,4 @@ def bench_interference(work: Path, rounds: int, writes: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    watcher(sys.argv[1], float(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    watcher(sys.argv[1], float(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None, len(sys.argv) > 4)
