@@ -13,7 +13,10 @@ so the files land in the same place on disk). Against the writer alone:
   folder and swap the two (``RENAME_EXCHANGE``), as copy pins are written;
   with that folder beside the sessions (same filesystem) and on tmpfs; and
   the same bytes written in place over the pin, with no spare and no rename
-  (not crash-safe: the control that isolates the cost of the swap);
+  (not crash-safe: the control that isolates the cost of the swap); and two
+  slots per session written in place in turn, each followed by an
+  ``fsetxattr`` of a sequence number and CRC-32 (what would let a reader
+  pick the whole slot after a kill: the crash-safe way to pin without a rename);
 * a process burning 37% of a CPU (about the daemon's share at the writer's
   rate) or all of one, touching no file.
 
@@ -31,6 +34,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +47,20 @@ _SHM = Path("/dev/shm")
 MODES = ("alone", "daemon", "daemon, store on tmpfs", "inotify reader, woken by every event",
          "inotify reader, every 20 ms", "mimic: read + pin by exchange, store beside",
          "mimic: read + pin by exchange, store on tmpfs", "mimic: read + write in place, no rename, store beside",
+         "mimic: read + two slots in turn, checksum xattr, store beside",
          "CPU burner, 37% of a CPU", "CPU burner, a whole CPU")
 
 
-def watcher(directory: str, pause: float, store: str | None, in_place: bool) -> None:
-    """The bare reader (and, with *store*, the mimic; *in_place*: no spare, no swap), run as
-    a child: ``python -m sgbench.interference``."""
+def watcher(directory: str, pause: float, store: str | None, how: str) -> None:
+    """The bare reader (and, with *store*, the mimic; *how*: ``exchange``, ``in-place`` or
+    ``slots``), run as a child: ``python -m sgbench.interference``."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     fd = libc.inotify_init1(os.O_CLOEXEC)
     if fd < 0 or libc.inotify_add_watch(fd, directory.encode(), _MASK) < 0:
         raise OSError(ctypes.get_errno(), "inotify")
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     store_fd = None
+    slots: dict[bytes, int] = {}
     if store is not None:
         os.makedirs(store, exist_ok=True)
         store_fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
@@ -75,12 +81,20 @@ def watcher(directory: str, pause: float, store: str | None, in_place: bool) -> 
             src = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
             data = os.pread(src, os.fstat(src).st_size + 1, 0)
             os.close(src)
-            spare = name if in_place else b"." + name + b".spare"
+            if how == "slots":
+                slots[name] = seq = slots.get(name, 0) + 1
+                out = os.open(name + (b".a" if seq % 2 else b".b"), os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=store_fd)
+                os.pwrite(out, data, 0)
+                os.ftruncate(out, len(data))
+                os.setxattr(out, "user.sg", struct.pack("<QI", seq, zlib.crc32(data)))
+                os.close(out)
+                continue
+            spare = name if how == "in-place" else b"." + name + b".spare"
             out = os.open(spare, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=store_fd)
             os.pwrite(out, data, 0)
             os.ftruncate(out, len(data))
             os.close(out)
-            if not in_place and libc.renameat2(store_fd, spare, store_fd, name, 2) != 0:  # RENAME_EXCHANGE; no pin yet
+            if how == "exchange" and libc.renameat2(store_fd, spare, store_fd, name, 2) != 0:  # no pin yet
                 os.rename(spare, name, src_dir_fd=store_fd, dst_dir_fd=store_fd)
 
 
@@ -105,8 +119,8 @@ def _start(mode: str, d: Path, work: Path) -> tuple[DaemonProc | None, subproces
         return None, child
     pause = "0" if "every event" in mode else "0.02"
     store = [] if mode.startswith("inotify") else [str(tmpfs_store if "tmpfs" in mode else d / ".mimic")]
-    if "in place" in mode:
-        store.append("in-place")
+    if store:
+        store.append("in-place" if "in place" in mode else "slots" if "slots" in mode else "exchange")
     path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     child = subprocess.Popen([sys.executable, "-m", "sgbench.interference", str(d), pause, *store],
                              stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
@@ -171,4 +185,5 @@ def bench_interference(work: Path, rounds: int, writes: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    watcher(sys.argv[1], float(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None, len(sys.argv) > 4)
+    store_arg, how_arg = (sys.argv[3], sys.argv[4]) if len(sys.argv) > 4 else (None, "")
+    watcher(sys.argv[1], float(sys.argv[2]), store_arg, how_arg)
