@@ -146,6 +146,8 @@ def _one(work: Path, d: Path, docsets: list[Docs], writes: int, mode: str) -> di
             j = k % len(paths)
             server_write(paths[j], docsets[j](6 + k // len(paths)))
         row: dict[str, Any] = {"mode": mode, "writes_per_s": round(writes / (pc() - t0), 1)}
+        if child is not None and child.poll() is not None:  # else its figure would be the writer alone's
+            raise RuntimeError(f"{mode}: the control died during the run (exit status {child.returncode})")
         if daemon is not None:
             daemon.sync(120)
             row["daemon_cpu_ms_per_1000_writes"] = round((proc_cpu_s(daemon.proc.pid) - cpu0) / writes * 1e6, 1)
