@@ -83,19 +83,17 @@ def watcher(directory: str, pause: float, store: str | None, how: str) -> None:
             os.close(src)
             if how == "slots":
                 slots[name] = seq = slots.get(name, 0) + 1
-                out = os.open(name + (b".a" if seq % 2 else b".b"), os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=store_fd)
-                os.pwrite(out, data, 0)
-                os.ftruncate(out, len(data))
-                os.setxattr(out, "user.sg", struct.pack("<QI", seq, zlib.crc32(data)))
-                os.close(out)
-                continue
-            spare = name if how == "in-place" else b"." + name + b".spare"
-            out = os.open(spare, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=store_fd)
+                target = name + (b".a" if seq % 2 else b".b")
+            else:
+                target = name if how == "in-place" else b"." + name + b".spare"
+            out = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=store_fd)
             os.pwrite(out, data, 0)
             os.ftruncate(out, len(data))
+            if how == "slots":
+                os.setxattr(out, "user.sg", struct.pack("<QI", seq, zlib.crc32(data)))
             os.close(out)
-            if how == "exchange" and libc.renameat2(store_fd, spare, store_fd, name, 2) != 0:  # no pin yet
-                os.rename(spare, name, src_dir_fd=store_fd, dst_dir_fd=store_fd)
+            if how == "exchange" and libc.renameat2(store_fd, target, store_fd, name, 2) != 0:  # no pin yet
+                os.rename(target, name, src_dir_fd=store_fd, dst_dir_fd=store_fd)
 
 
 _BURN = "import time,sys\nd=float(sys.argv[1])\nwhile True:\n t=time.perf_counter()\n" \
@@ -118,11 +116,11 @@ def _start(mode: str, d: Path, work: Path) -> tuple[DaemonProc | None, subproces
         time.sleep(0.3)
         return None, child
     pause = "0" if "every event" in mode else "0.02"
-    store = [] if mode.startswith("inotify") else [str(tmpfs_store if "tmpfs" in mode else d / ".mimic")]
-    if store:
-        store.append("in-place" if "in place" in mode else "slots" if "slots" in mode else "exchange")
+    mimic = [] if mode.startswith("inotify") else [
+        str(tmpfs_store if "tmpfs" in mode else d / ".mimic"),
+        "in-place" if "in place" in mode else "slots" if "slots" in mode else "exchange"]
     path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
-    child = subprocess.Popen([sys.executable, "-m", "sgbench.interference", str(d), pause, *store],
+    child = subprocess.Popen([sys.executable, "-m", "sgbench.interference", str(d), pause, *mimic],
                              stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
     assert child.stdout is not None
     if child.stdout.readline() != b"ready\n":
