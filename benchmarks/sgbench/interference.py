@@ -5,11 +5,14 @@ appended per write, tmp + fsync + rename) runs in rounds, each mode once per
 round in rotated order, always in the same directory (emptied between runs,
 so the files land in the same place on disk). Against the writer alone:
 
-* this tree's daemon, and the same daemon with its store on tmpfs;
+* this tree's daemon, the same daemon with its store on tmpfs, and the same
+  daemon writing each session's pin at most every 2 s (``stalepins.py``: about
+  one pin in ten under this load; a control, its pins lag);
 * a bare inotify reader with the daemon's mask, reading on every event (each
   event wakes it) or every 20 ms (the daemon's pause between batches);
 * a *mimic* of the daemon's file work: the 20 ms reader, then for every
-  session renamed in, open + read it and write it over a spare in a store
+  session renamed in, open + read it and nothing else (what any watcher that
+  looks at content must do); or read it and write it over a spare in a store
   folder and swap the two (``RENAME_EXCHANGE``), as copy pins are written;
   with that folder beside the sessions (same filesystem) and on tmpfs; and
   the same bytes written in place over the pin, with no spare and no rename
@@ -44,16 +47,18 @@ from .common import DaemonProc, Docs, fresh, median, pc, proc_cpu_s, ratio, serv
 _MASK = 0x100 | 0x8 | 0x40 | 0x80 | 0x200 | 0x400 | 0x02000000 | 0x01000000
 _IN_MOVED_TO = 0x80
 _SHM = Path("/dev/shm")
-MODES = ("alone", "daemon", "daemon, store on tmpfs", "inotify reader, woken by every event",
-         "inotify reader, every 20 ms", "mimic: read + pin by exchange, store beside",
+STALEPINS = Path(__file__).with_name("stalepins.py")
+MODES = ("alone", "daemon", "daemon, store on tmpfs", "daemon, a pin per session at most every 2 s",
+         "inotify reader, woken by every event", "inotify reader, every 20 ms", "mimic: read only, no pin",
+         "mimic: read + pin by exchange, store beside",
          "mimic: read + pin by exchange, store on tmpfs", "mimic: read + write in place, no rename, store beside",
          "mimic: read + two slots in turn, checksum xattr, store beside",
          "CPU burner, 37% of a CPU", "CPU burner, a whole CPU")
 
 
 def watcher(directory: str, pause: float, store: str | None, how: str) -> None:
-    """The bare reader (and, with *store*, the mimic; *how*: ``exchange``, ``in-place`` or
-    ``slots``), run as a child: ``python -m sgbench.interference``."""
+    """The bare reader (and, with *store*, the mimic; *how*: ``read``, ``exchange``,
+    ``in-place`` or ``slots``), run as a child: ``python -m sgbench.interference``."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     fd = libc.inotify_init1(os.O_CLOEXEC)
     if fd < 0 or libc.inotify_add_watch(fd, directory.encode(), _MASK) < 0:
@@ -81,6 +86,8 @@ def watcher(directory: str, pause: float, store: str | None, how: str) -> None:
             src = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
             data = os.pread(src, os.fstat(src).st_size + 1, 0)
             os.close(src)
+            if how == "read":
+                continue
             if how == "slots":
                 slots[name] = seq = slots.get(name, 0) + 1
                 target = name + (b".a" if seq % 2 else b".b")
@@ -106,6 +113,8 @@ def _start(mode: str, d: Path, work: Path) -> tuple[DaemonProc | None, subproces
     shutil.rmtree(tmpfs_store, ignore_errors=True)
     if mode == "daemon":
         return start_daemon(work, str(d)), None
+    if "at most every" in mode:
+        return start_daemon(work, str(d), wrap=[sys.executable, str(STALEPINS)]), None
     if mode.startswith("daemon"):  # its store on tmpfs: only a config file says where a store goes
         cfg = work / "interference.toml"
         cfg.write_text(f'[[watch]]\npath = "{d}"\nstore = "{tmpfs_store}"\n')
@@ -118,7 +127,8 @@ def _start(mode: str, d: Path, work: Path) -> tuple[DaemonProc | None, subproces
     pause = "0" if "every event" in mode else "0.02"
     mimic = [] if mode.startswith("inotify") else [
         str(tmpfs_store if "tmpfs" in mode else d / ".mimic"),
-        "in-place" if "in place" in mode else "slots" if "slots" in mode else "exchange"]
+        "read" if "read only" in mode else "in-place" if "in place" in mode else "slots" if "slots" in mode
+        else "exchange"]
     path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     child = subprocess.Popen([sys.executable, "-m", "sgbench.interference", str(d), pause, *mimic],
                              stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
