@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run (a few minutes; not for BENCHMARKS.md)")
     ap.add_argument("--only", action="append", choices=(*SECTIONS, "scale", "interference"),
-                    help="run only these sections (repeatable; interference, about 8 minutes, runs only when named); "
+                    help="run only these sections (repeatable; interference, about 10 minutes, runs only when named); "
                          "with --table-only, print only their tables")
     ap.add_argument("--scale", nargs="?", type=int, const=1_000_000, metavar="N",
                     help="the scale run alone (default N: 1,000,000 sessions; fewer if the disk cannot hold "
