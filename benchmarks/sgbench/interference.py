@@ -57,8 +57,8 @@ MODES = ("alone", "daemon", "daemon, store on tmpfs", "daemon, a pin per session
 
 
 def watcher(directory: str, pause: float, store: str | None, how: str) -> None:
-    """The bare reader (and, with *store*, the mimic; *how*: ``read``, ``exchange``,
-    ``in-place`` or ``slots``), run as a child: ``python -m sgbench.interference``."""
+    """The bare reader (*how* empty) or the mimic (*how*: ``read``, or with *store* one of
+    ``exchange``, ``in-place`` and ``slots``), run as a child: ``python -m sgbench.interference``."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     fd = libc.inotify_init1(os.O_CLOEXEC)
     if fd < 0 or libc.inotify_add_watch(fd, directory.encode(), _MASK) < 0:
@@ -80,13 +80,13 @@ def watcher(directory: str, pause: float, store: str | None, how: str) -> None:
             i += 16 + length
             if mask & _IN_MOVED_TO and name.endswith(b".json"):
                 names.add(name)
-        if store_fd is None:
+        if not how:
             continue
         for name in names:
             src = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
             data = os.pread(src, os.fstat(src).st_size + 1, 0)
             os.close(src)
-            if how == "read":
+            if store_fd is None:  # read only
                 continue
             if how == "slots":
                 slots[name] = seq = slots.get(name, 0) + 1
@@ -125,10 +125,9 @@ def _start(mode: str, d: Path, work: Path) -> tuple[DaemonProc | None, subproces
         time.sleep(0.3)
         return None, child
     pause = "0" if "every event" in mode else "0.02"
-    mimic = [] if mode.startswith("inotify") else [
-        str(tmpfs_store if "tmpfs" in mode else d / ".mimic"),
-        "read" if "read only" in mode else "in-place" if "in place" in mode else "slots" if "slots" in mode
-        else "exchange"]
+    mimic = [] if mode.startswith("inotify") else ["read"] if "read only" in mode else [
+        "in-place" if "in place" in mode else "slots" if "slots" in mode else "exchange",
+        str(tmpfs_store if "tmpfs" in mode else d / ".mimic")]
     path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     child = subprocess.Popen([sys.executable, "-m", "sgbench.interference", str(d), pause, *mimic],
                              stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
@@ -195,5 +194,5 @@ def bench_interference(work: Path, rounds: int, writes: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    store_arg, how_arg = (sys.argv[3], sys.argv[4]) if len(sys.argv) > 4 else (None, "")
-    watcher(sys.argv[1], float(sys.argv[2]), store_arg, how_arg)
+    watcher(sys.argv[1], float(sys.argv[2]), sys.argv[4] if len(sys.argv) > 4 else None,
+            sys.argv[3] if len(sys.argv) > 3 else "")
