@@ -16,13 +16,15 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 from sgbench import (
     embed,
@@ -185,6 +187,12 @@ def xfs_child(mnt: Path, megabytes: float, out: Path) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    """``kill`` (or a CI job's timeout) ends a run as Ctrl-C does: through every
+    ``finally``, so no daemon, control process or scratch directory outlives it."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     # The guard logs every kept version at WARNING; keep the benchmark's output to the tables.
     logging.getLogger("sessionguard").addHandler(logging.NullHandler())
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": machine(work),
     }
     t_all = pc()
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         run_sections(res, names, plan(args.quick, args.scale), work)
     finally:
